@@ -1,0 +1,473 @@
+//! Positional byte storage under the formats: a file, memory, or (with the `testkit` feature)
+//! a fault-injecting wrapper.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::RwLock;
+
+use crate::error::{Error, ErrorKind, Result};
+
+/// What [`Storage::next_data`] found at an offset of the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StorageRegion {
+    /// `len` bytes of (possibly) non-hole data start here.
+    Data(u64),
+    /// `len` bytes of hole (reads as zeros) start here.
+    Hole(u64),
+}
+
+/// Positional reads and writes on `&self`, so several threads may use one storage at once.
+pub trait Storage: Send + Sync {
+    /// Reads exactly `buf.len()` bytes at `offset`; reading past the end is an error.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+
+    /// Writes all of `buf` at `offset`, growing the storage when needed.
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()>;
+
+    /// The current length in bytes.
+    fn len(&self) -> Result<u64>;
+
+    /// Whether the storage is empty.
+    fn is_empty(&self) -> Result<bool> {
+        Ok(self.len()? == 0)
+    }
+
+    /// Truncates or extends (with zeros) to `len` bytes.
+    fn set_len(&self, len: u64) -> Result<()>;
+
+    /// Makes every completed write durable.
+    fn flush(&self) -> Result<()>;
+
+    /// Whether writes are allowed.
+    fn is_writable(&self) -> bool;
+
+    /// The file behind this storage, when there is one.
+    fn path(&self) -> Option<&Path> {
+        None
+    }
+
+    /// Reads up to `buf.len()` bytes at `offset`, stopping at the end; returns how many were
+    /// read. Formats whose last structure may run past the end of the file use this.
+    fn read_at_most(&self, buf: &mut [u8], offset: u64) -> Result<usize> {
+        let len = self.len()?;
+        if offset >= len {
+            return Ok(0);
+        }
+        let avail = usize::try_from(len - offset)
+            .unwrap_or(usize::MAX)
+            .min(buf.len());
+        let part = buf.get_mut(..avail).unwrap_or_default();
+        self.read_at(part, offset)?;
+        Ok(avail)
+    }
+
+    /// Where data and holes lie, starting at `offset` (before the end). The default reports
+    /// everything as data; a file answers from the filesystem.
+    fn region_at(&self, offset: u64) -> Result<StorageRegion> {
+        let len = self.len()?;
+        Ok(StorageRegion::Data(len.saturating_sub(offset)))
+    }
+
+    /// Deallocates a range so it reads as zeros, if the storage can; returns whether it did.
+    fn punch_hole(&self, _offset: u64, _len: u64) -> Result<bool> {
+        Ok(false)
+    }
+}
+
+impl<T: Storage + ?Sized> Storage for Box<T> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        (**self).read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        (**self).write_at(buf, offset)
+    }
+    fn len(&self) -> Result<u64> {
+        (**self).len()
+    }
+    fn set_len(&self, len: u64) -> Result<()> {
+        (**self).set_len(len)
+    }
+    fn flush(&self) -> Result<()> {
+        (**self).flush()
+    }
+    fn is_writable(&self) -> bool {
+        (**self).is_writable()
+    }
+    fn path(&self) -> Option<&Path> {
+        (**self).path()
+    }
+    fn read_at_most(&self, buf: &mut [u8], offset: u64) -> Result<usize> {
+        (**self).read_at_most(buf, offset)
+    }
+    fn region_at(&self, offset: u64) -> Result<StorageRegion> {
+        (**self).region_at(offset)
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> Result<bool> {
+        (**self).punch_hole(offset, len)
+    }
+}
+
+impl<T: Storage + ?Sized> Storage for std::sync::Arc<T> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        (**self).read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        (**self).write_at(buf, offset)
+    }
+    fn len(&self) -> Result<u64> {
+        (**self).len()
+    }
+    fn set_len(&self, len: u64) -> Result<()> {
+        (**self).set_len(len)
+    }
+    fn flush(&self) -> Result<()> {
+        (**self).flush()
+    }
+    fn is_writable(&self) -> bool {
+        (**self).is_writable()
+    }
+    fn path(&self) -> Option<&Path> {
+        (**self).path()
+    }
+    fn read_at_most(&self, buf: &mut [u8], offset: u64) -> Result<usize> {
+        (**self).read_at_most(buf, offset)
+    }
+    fn region_at(&self, offset: u64) -> Result<StorageRegion> {
+        (**self).region_at(offset)
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> Result<bool> {
+        (**self).punch_hole(offset, len)
+    }
+}
+
+/// A regular file (or block device) opened read-only or read-write.
+#[derive(Debug)]
+pub struct FileStorage {
+    file: File,
+    path: PathBuf,
+    writable: bool,
+}
+
+impl FileStorage {
+    /// Opens an existing file; `writable` asks for read-write access.
+    pub fn open(path: &Path, writable: bool) -> Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .open(path)
+            .map_err(|e| {
+                let kind = if e.kind() == std::io::ErrorKind::NotFound {
+                    ErrorKind::BackingNotFound
+                } else {
+                    ErrorKind::Io
+                };
+                Error::new(kind, "cannot open")
+                    .with_source(e)
+                    .with_path(path)
+            })?;
+        Ok(FileStorage {
+            file,
+            path: path.to_path_buf(),
+            writable,
+        })
+    }
+
+    /// Creates a new file, failing when it exists.
+    pub fn create_new(path: &Path) -> Result<Self> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .open(path)
+            .map_err(|e| {
+                let kind = if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    ErrorKind::AlreadyExists
+                } else {
+                    ErrorKind::Io
+                };
+                Error::new(kind, "cannot create")
+                    .with_source(e)
+                    .with_path(path)
+            })?;
+        Ok(FileStorage {
+            file,
+            path: path.to_path_buf(),
+            writable: true,
+        })
+    }
+
+    /// Wraps an already open file.
+    pub fn from_file(file: File, path: PathBuf, writable: bool) -> Self {
+        FileStorage {
+            file,
+            path,
+            writable,
+        }
+    }
+
+    /// The underlying file.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    fn err(&self, what: &str, e: std::io::Error, offset: u64) -> Error {
+        Error::io(what, e).with_offset(offset).with_path(&self.path)
+    }
+}
+
+impl Storage for FileStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.file.read_exact_at(buf, offset).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                Error::new(
+                    ErrorKind::Corrupt,
+                    format!(
+                        "read of {} bytes runs past the end of the file (truncated?)",
+                        buf.len()
+                    ),
+                )
+                .with_offset(offset)
+                .with_path(&self.path)
+            } else {
+                self.err("read failed", e, offset)
+            }
+        })
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        if !self.writable {
+            return Err(Error::read_only("file opened read-only").with_path(&self.path));
+        }
+        self.file
+            .write_all_at(buf, offset)
+            .map_err(|e| self.err("write failed", e, offset))
+    }
+
+    fn len(&self) -> Result<u64> {
+        let md = self
+            .file
+            .metadata()
+            .map_err(|e| self.err("stat failed", e, 0))?;
+        if md.file_type().is_file() {
+            return Ok(md.len());
+        }
+        // Block devices report 0 in st_size; seeking to the end gives their size.
+        rustix::fs::seek(&self.file, rustix::fs::SeekFrom::End(0))
+            .map_err(|e| self.err("seek failed", e.into(), 0))
+    }
+
+    fn set_len(&self, len: u64) -> Result<()> {
+        if !self.writable {
+            return Err(Error::read_only("file opened read-only").with_path(&self.path));
+        }
+        self.file
+            .set_len(len)
+            .map_err(|e| self.err("truncate failed", e, len))
+    }
+
+    fn flush(&self) -> Result<()> {
+        if !self.writable {
+            return Ok(());
+        }
+        self.file
+            .sync_all()
+            .map_err(|e| self.err("fsync failed", e, 0))
+    }
+
+    fn is_writable(&self) -> bool {
+        self.writable
+    }
+
+    fn path(&self) -> Option<&Path> {
+        Some(&self.path)
+    }
+
+    fn region_at(&self, offset: u64) -> Result<StorageRegion> {
+        use rustix::fs::{seek, SeekFrom};
+        let len = self.len()?;
+        if offset >= len {
+            return Ok(StorageRegion::Data(0));
+        }
+        // SEEK_DATA from `offset`: ENXIO means only a hole remains up to the end.
+        let data = match seek(&self.file, SeekFrom::Data(offset)) {
+            Ok(d) => d,
+            Err(rustix::io::Errno::NXIO) => len,
+            Err(_) => return Ok(StorageRegion::Data(len - offset)),
+        };
+        if data > offset {
+            return Ok(StorageRegion::Hole(data.min(len) - offset));
+        }
+        let hole = match seek(&self.file, SeekFrom::Hole(offset)) {
+            Ok(h) => h.min(len),
+            Err(_) => len,
+        };
+        Ok(StorageRegion::Data(hole.max(offset + 1) - offset))
+    }
+
+    fn punch_hole(&self, offset: u64, len: u64) -> Result<bool> {
+        use rustix::fs::{fallocate, FallocateFlags};
+        if !self.writable {
+            return Err(Error::read_only("file opened read-only").with_path(&self.path));
+        }
+        if len == 0 {
+            return Ok(true);
+        }
+        match fallocate(
+            &self.file,
+            FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+            offset,
+            len,
+        ) {
+            Ok(()) => Ok(true),
+            Err(rustix::io::Errno::OPNOTSUPP) | Err(rustix::io::Errno::NOSYS) => Ok(false),
+            Err(e) => Err(self.err("punching a hole failed", e.into(), offset)),
+        }
+    }
+}
+
+/// Storage in memory: for tests, fuzzing and in-memory overlays.
+#[derive(Debug, Default)]
+pub struct MemStorage {
+    data: RwLock<Vec<u8>>,
+    read_only: bool,
+}
+
+impl MemStorage {
+    /// An empty writable storage.
+    pub fn new() -> Self {
+        MemStorage::default()
+    }
+
+    /// A writable storage holding `data`.
+    pub fn from_vec(data: Vec<u8>) -> Self {
+        MemStorage {
+            data: RwLock::new(data),
+            read_only: false,
+        }
+    }
+
+    /// A read-only storage holding `data`.
+    pub fn read_only(data: Vec<u8>) -> Self {
+        MemStorage {
+            data: RwLock::new(data),
+            read_only: true,
+        }
+    }
+
+    /// A copy of the bytes.
+    pub fn to_vec(&self) -> Vec<u8> {
+        self.data.read().map(|d| d.clone()).unwrap_or_default()
+    }
+
+    fn poisoned() -> Error {
+        Error::new(ErrorKind::Io, "memory storage lock poisoned")
+    }
+}
+
+impl Storage for MemStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let data = self.data.read().map_err(|_| Self::poisoned())?;
+        let start = usize::try_from(offset)
+            .map_err(|_| Error::out_of_bounds(offset, buf.len() as u64, data.len() as u64))?;
+        let src = start
+            .checked_add(buf.len())
+            .and_then(|end| data.get(start..end))
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::Corrupt,
+                    format!(
+                        "read of {} bytes runs past the end of the file (truncated?)",
+                        buf.len()
+                    ),
+                )
+                .with_offset(offset)
+            })?;
+        buf.copy_from_slice(src);
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        if self.read_only {
+            return Err(Error::read_only("memory storage is read-only"));
+        }
+        let mut data = self.data.write().map_err(|_| Self::poisoned())?;
+        let start = usize::try_from(offset)
+            .map_err(|_| Error::out_of_bounds(offset, buf.len() as u64, data.len() as u64))?;
+        let end = start
+            .checked_add(buf.len())
+            .ok_or_else(|| Error::out_of_bounds(offset, buf.len() as u64, data.len() as u64))?;
+        if end > data.len() {
+            data.resize(end, 0);
+        }
+        if let Some(dst) = data.get_mut(start..end) {
+            dst.copy_from_slice(buf);
+        }
+        Ok(())
+    }
+
+    fn len(&self) -> Result<u64> {
+        Ok(self.data.read().map_err(|_| Self::poisoned())?.len() as u64)
+    }
+
+    fn set_len(&self, len: u64) -> Result<()> {
+        if self.read_only {
+            return Err(Error::read_only("memory storage is read-only"));
+        }
+        let n = usize::try_from(len).map_err(|_| Error::out_of_bounds(len, 0, 0))?;
+        self.data
+            .write()
+            .map_err(|_| Self::poisoned())?
+            .resize(n, 0);
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn is_writable(&self) -> bool {
+        !self.read_only
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mem_read_write() {
+        let m = MemStorage::new();
+        m.write_at(b"abc", 10).unwrap();
+        assert_eq!(m.len().unwrap(), 13);
+        let mut b = [0u8; 4];
+        m.read_at(&mut b, 9).unwrap();
+        assert_eq!(&b, b"\0abc");
+        assert!(m.read_at(&mut b, 11).is_err());
+        assert_eq!(m.read_at_most(&mut b, 11).unwrap(), 2);
+    }
+
+    #[test]
+    fn file_regions_and_holes() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        let f = FileStorage::create_new(&p).unwrap();
+        f.set_len(8 << 20).unwrap();
+        f.write_at(&[1u8; 4096], 4 << 20).unwrap();
+        // Filesystems without SEEK_DATA support report data everywhere, which is still valid.
+        match f.region_at(0).unwrap() {
+            StorageRegion::Hole(n) => assert_eq!(n, 4 << 20),
+            StorageRegion::Data(n) => assert!(n > 0),
+        }
+        let mut b = [9u8; 16];
+        f.read_at(&mut b, 100).unwrap();
+        assert_eq!(b, [0u8; 16]);
+        if f.punch_hole(4 << 20, 4096).unwrap() {
+            let mut b = [9u8; 4096];
+            f.read_at(&mut b, 4 << 20).unwrap();
+            assert!(b.iter().all(|&x| x == 0));
+        }
+    }
+}

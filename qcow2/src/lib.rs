@@ -1,0 +1,2 @@
+//! qcow2 images (work in progress).
+#![forbid(unsafe_code)]

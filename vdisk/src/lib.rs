@@ -1,0 +1,1 @@
+//! vdisk (in progress).

@@ -1,0 +1,2 @@
+//! vhd images (work in progress).
+#![forbid(unsafe_code)]

@@ -1,0 +1,2 @@
+//! vhdx images (work in progress).
+#![forbid(unsafe_code)]
