@@ -1,0 +1,126 @@
+//! Per-format glue between the facade and the format crates.
+//!
+//! Each submodule exposes the same three functions; `vdisk` dispatches on [`Format`]:
+//!
+//! * `open(storage, ctx)`: open an image (its parent/backing chain through `ctx.gate`).
+//! * `create(storage, spec)`: write a new empty image (fixed, dynamic, or over a parent).
+//! * `writer(storage, spec)`: a sequential [`ImageWriter`] the convert engine fills.
+//!
+//! Options (`-o K=V`) reach the format as strings; each format parses the keys it knows and
+//! refuses the others by name.
+
+use std::path::{Path, PathBuf};
+
+use blockdev::{BlockDevice, Error, ImageWriter, Limits, OpenGate, Result, Storage};
+
+use crate::format::Format;
+
+pub(crate) mod qcow2;
+pub(crate) mod raw;
+pub(crate) mod vhd;
+pub(crate) mod vhdx;
+
+/// What a format needs to open an image.
+pub struct OpenCtx<'a> {
+    /// Opens parents, backing files and data files.
+    pub gate: &'a dyn OpenGate,
+    /// Whether the image is opened for writing.
+    pub writable: bool,
+    /// Resource limits.
+    pub limits: &'a Limits,
+    /// Depth of this image in its chain (top image 0).
+    pub depth: u32,
+    /// Open-time options (`size_rule=chs|current` for VHD, `snapshot=NAME` for qcow2, ...);
+    /// a format ignores keys it does not know.
+    pub options: &'a [(String, String)],
+}
+
+/// A parent/backing image given for a new image (`create -b`, `convert -B`).
+pub struct ParentSpec {
+    /// The reference to record in the new image (as the user typed it, or made relative).
+    pub reference: String,
+    /// The parent's absolute path.
+    pub path: PathBuf,
+    /// The parent's format.
+    pub format: Format,
+    /// The opened parent (read-only), for its identity and size.
+    pub device: Box<dyn BlockDevice>,
+}
+
+/// What to create.
+pub struct CreateSpec<'a> {
+    /// Guest size in bytes.
+    pub size: u64,
+    /// `-o K=V` options.
+    pub options: &'a [(String, String)],
+    /// The parent, for differencing/overlay images.
+    pub parent: Option<&'a ParentSpec>,
+    /// The final path of the new image (the file may be written under a temporary name).
+    pub path: Option<&'a Path>,
+    /// Resource limits.
+    pub limits: &'a Limits,
+}
+
+/// Opens `storage` as `format`.
+pub fn open(
+    format: Format,
+    storage: Box<dyn Storage>,
+    ctx: &OpenCtx<'_>,
+) -> Result<Box<dyn BlockDevice>> {
+    match format {
+        Format::Raw => raw::open(storage, ctx),
+        Format::Vhd => vhd::open(storage, ctx),
+        Format::Vhdx => vhdx::open(storage, ctx),
+        Format::Qcow2 => qcow2::open(storage, ctx),
+    }
+}
+
+/// Writes a new empty image of `format` on `storage`.
+pub fn create(format: Format, storage: Box<dyn Storage>, spec: &CreateSpec<'_>) -> Result<()> {
+    match format {
+        Format::Raw => raw::create(storage, spec),
+        Format::Vhd => vhd::create(storage, spec),
+        Format::Vhdx => vhdx::create(storage, spec),
+        Format::Qcow2 => qcow2::create(storage, spec),
+    }
+}
+
+/// A sequential writer producing a new image of `format` on `storage`.
+pub fn writer(
+    format: Format,
+    storage: Box<dyn Storage>,
+    spec: &CreateSpec<'_>,
+) -> Result<Box<dyn ImageWriter>> {
+    match format {
+        Format::Raw => raw::writer(storage, spec),
+        Format::Vhd => vhd::writer(storage, spec),
+        Format::Vhdx => vhdx::writer(storage, spec),
+        Format::Qcow2 => qcow2::writer(storage, spec),
+    }
+}
+
+/// Looks up option `key`, marking it used.
+pub fn option<'a>(options: &'a [(String, String)], key: &str) -> Option<&'a str> {
+    options
+        .iter()
+        .rev()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
+}
+
+/// Refuses any option whose key is not in `known`.
+pub fn check_known_options(
+    format: Format,
+    options: &[(String, String)],
+    known: &[&str],
+) -> Result<()> {
+    for (k, _) in options {
+        if !known.contains(&k.as_str()) {
+            return Err(Error::invalid_argument(format!(
+                "{format} does not support option '{k}' (supported: {})",
+                known.join(", ")
+            )));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,24 @@
+//! vhdx glue: owned by the vhdx crate's work.
+
+use blockdev::{BlockDevice, Error, ImageWriter, Result, Storage};
+
+use super::{CreateSpec, OpenCtx};
+
+pub(crate) fn open(_storage: Box<dyn Storage>, _ctx: &OpenCtx<'_>) -> Result<Box<dyn BlockDevice>> {
+    Err(Error::unsupported("vhdx images are not supported yet"))
+}
+
+pub(crate) fn create(_storage: Box<dyn Storage>, _spec: &CreateSpec<'_>) -> Result<()> {
+    Err(Error::unsupported(
+        "creating vhdx images is not supported yet",
+    ))
+}
+
+pub(crate) fn writer(
+    _storage: Box<dyn Storage>,
+    _spec: &CreateSpec<'_>,
+) -> Result<Box<dyn ImageWriter>> {
+    Err(Error::unsupported(
+        "writing vhdx images is not supported yet",
+    ))
+}
