@@ -1,0 +1,184 @@
+//! The parallel read pipeline shared by convert and digest.
+//!
+//! A planner hands out [`PlanItem`]s in guest order; reader threads take an item together with
+//! a buffer from a fixed pool, read and process it, and send the result to the consumer, which
+//! restores guest order and returns the buffer. Memory is bounded by the pool: `in_flight`
+//! buffers of `chunk` bytes, whatever the image size.
+//!
+//! Deadlock freedom: a reader takes a buffer *before* it takes an item, so every item handed out
+//! is owned by a reader that can finish it; the consumer therefore always receives the item it
+//! waits for.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::Mutex;
+
+use blockdev::{BlockDevice, Error, ErrorKind, Result};
+
+use crate::chain::{PlanItem, Planner};
+
+/// A processed item, handed to the consumer in guest order.
+pub struct Processed<T> {
+    /// The item.
+    pub item: PlanItem,
+    /// The bytes read (empty for zero items); the first `item.len` bytes are valid.
+    pub buf: Vec<u8>,
+    /// What the reader computed.
+    pub extra: T,
+}
+
+/// Pipeline settings.
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    /// Reader threads.
+    pub threads: usize,
+    /// Buffers in flight.
+    pub in_flight: usize,
+    /// Zero-skip unit.
+    pub unit: u64,
+    /// Largest item.
+    pub chunk: u64,
+}
+
+impl PipelineConfig {
+    /// Defaults for this machine: readers = cores (at least 2), 2 MiB chunks.
+    pub fn for_unit(unit: u64) -> Self {
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+        let chunk: u64 = 2 << 20;
+        let unit = unit.clamp(512, chunk);
+        PipelineConfig {
+            threads: cores.clamp(2, 8),
+            in_flight: (cores * 3).clamp(6, 24),
+            unit,
+            chunk,
+        }
+    }
+}
+
+/// Runs the pipeline over `dev`. `process` runs on reader threads (after the read, for data
+/// items); `consume` runs on the calling thread, in guest order.
+pub fn run<T, P, C>(
+    dev: &dyn BlockDevice,
+    cfg: &PipelineConfig,
+    cancel: Option<&AtomicBool>,
+    process: P,
+    mut consume: C,
+) -> Result<()>
+where
+    T: Send,
+    P: Fn(&PlanItem, &[u8]) -> Result<T> + Sync,
+    C: FnMut(&Processed<T>) -> Result<()>,
+{
+    let planner = Mutex::new((Planner::new(dev, cfg.unit, cfg.chunk), 0u64, false));
+    let chunk = usize::try_from(cfg.chunk).map_err(|_| Error::invalid_argument("chunk too large"))?;
+    let (pool_tx, pool_rx) = mpsc::sync_channel::<Vec<u8>>(cfg.in_flight);
+    for _ in 0..cfg.in_flight {
+        pool_tx
+            .send(Vec::new())
+            .map_err(|_| Error::new(ErrorKind::Io, "pipeline pool closed"))?;
+    }
+    let pool_rx = Mutex::new(pool_rx);
+    let (out_tx, out_rx) = mpsc::channel::<(u64, Result<Processed<T>>)>();
+    let stop = AtomicBool::new(false);
+    let cancelled = || cancel.is_some_and(|c| c.load(Ordering::Relaxed));
+
+    std::thread::scope(|s| -> Result<()> {
+        for _ in 0..cfg.threads {
+            let out_tx = out_tx.clone();
+            let planner = &planner;
+            let pool_rx = &pool_rx;
+            let process = &process;
+            let stop = &stop;
+            s.spawn(move || loop {
+                if stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                let buf = match pool_rx.lock().ok().and_then(|rx| rx.recv().ok()) {
+                    Some(b) => b,
+                    None => return,
+                };
+                let (seq, item) = {
+                    let Ok(mut g) = planner.lock() else { return };
+                    if g.2 {
+                        return;
+                    }
+                    let next = g.0.next_item();
+                    let seq = g.1;
+                    g.1 += 1;
+                    match next {
+                        Ok(Some(item)) => (seq, item),
+                        Ok(None) => {
+                            g.2 = true;
+                            return;
+                        }
+                        Err(e) => {
+                            g.2 = true;
+                            let _ = out_tx.send((seq, Err(e)));
+                            return;
+                        }
+                    }
+                };
+                let res = read_and_process(dev, item, buf, chunk, process);
+                if out_tx.send((seq, res)).is_err() {
+                    return;
+                }
+            });
+        }
+        drop(out_tx);
+
+        let mut next_seq = 0u64;
+        let mut pending: BTreeMap<u64, Result<Processed<T>>> = BTreeMap::new();
+        let result = (|| -> Result<()> {
+            for (seq, res) in out_rx.iter() {
+                pending.insert(seq, res);
+                while let Some(res) = pending.remove(&next_seq) {
+                    next_seq += 1;
+                    if cancelled() {
+                        return Err(Error::new(ErrorKind::Interrupted, "interrupted"));
+                    }
+                    let p = res?;
+                    consume(&p)?;
+                    // Recycle the buffer: the pool never holds more than `in_flight`.
+                    let _ = pool_tx.send(p.buf);
+                }
+            }
+            Ok(())
+        })();
+        stop.store(true, Ordering::Relaxed);
+        // Unblock readers waiting for a buffer.
+        for _ in 0..cfg.threads {
+            let _ = pool_tx.try_send(Vec::new());
+        }
+        drop(pool_tx);
+        result
+    })
+}
+
+fn read_and_process<T, P>(dev: &dyn BlockDevice, item: PlanItem, mut buf: Vec<u8>, chunk: usize, process: &P) -> Result<Processed<T>>
+where
+    P: Fn(&PlanItem, &[u8]) -> Result<T>,
+{
+    match item {
+        PlanItem::Data { offset, len } => {
+            let n = usize::try_from(len).map_err(|_| Error::invalid_argument("item too large"))?;
+            if buf.len() < n {
+                buf.resize(n.max(chunk), 0);
+            }
+            let slice = buf
+                .get_mut(..n)
+                .ok_or_else(|| Error::new(ErrorKind::Io, "pipeline buffer too small"))?;
+            dev.read_at(slice, offset)?;
+            let extra = process(&item, slice)?;
+            Ok(Processed { item, buf, extra })
+        }
+        PlanItem::Zero { .. } => {
+            let extra = process(&item, &[])?;
+            Ok(Processed {
+                item,
+                buf: Vec::new(),
+                extra,
+            })
+        }
+    }
+}
