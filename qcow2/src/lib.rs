@@ -1,2 +1,32 @@
-//! qcow2 images (work in progress).
+//! # qcow2: QEMU copy-on-write images, versions 2 and 3
+//!
+//! ```text
+//!  cluster 0: header (72 / 104 / 112 bytes) | extensions | backing file name
+//!  L1 table (contiguous, u64 BE) ──> L2 tables (one cluster each)
+//!                                       │  standard entry ──> data cluster (or data file)
+//!                                       │  zero flag (v3) ──> reads as zeros
+//!                                       │  compressed ──> byte offset + sector count
+//!                                       └  extended L2: entry + 32-subcluster bitmap
+//!  refcount table ──> refcount blocks (1..64-bit entries) ──> one count per host cluster
+//!  snapshot table ──> snapshot L1 tables (read-only access with `snapshot=NAME`)
+//! ```
+//!
+//! * [`Qcow2Image`]: open (backing file and data file through the caller's
+//!   [`blockdev::OpenGate`]), read, write in place, block status, info, check.
+//! * [`create`] and [`Qcow2Writer`]: new images; the writer lays clusters out sequentially,
+//!   optionally compressing them on every core, and writes metadata once at the end.
+//! * [`repair_leaks`]: `check -r leaks`.
 #![forbid(unsafe_code)]
+
+mod check;
+mod compress;
+pub mod format;
+pub mod header;
+mod image;
+pub mod snapshot;
+mod table;
+mod write;
+
+pub use header::Header;
+pub use image::{OpenOptions, Qcow2Image};
+pub use snapshot::Snapshot;

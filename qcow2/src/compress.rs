@@ -1,0 +1,177 @@
+//! Compressed clusters: raw deflate (4 KiB window) and zstd frames.
+//!
+//! Decompression output is always exactly one cluster: the caller's buffer is the cap, and a
+//! stream that stops short of filling it is an error.
+
+use blockdev::{Error, ErrorKind, Result};
+use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
+
+use crate::format::COMPRESSION_ZSTD;
+
+fn bad(offset: u64, msg: impl Into<String>) -> Error {
+    Error::corrupt("compressed_cluster", offset, msg)
+}
+
+/// Inflates `input` into exactly `out.len()` bytes (`offset` is for error messages).
+pub fn decompress(kind: u8, input: &[u8], out: &mut [u8], offset: u64) -> Result<()> {
+    if kind == COMPRESSION_ZSTD {
+        decompress_zstd(input, out, offset)
+    } else {
+        decompress_deflate(input, out, offset)
+    }
+}
+
+fn decompress_deflate(input: &[u8], out: &mut [u8], offset: u64) -> Result<()> {
+    // Window 15 is a superset of qemu's 12: it inflates every stream qemu can.
+    let mut d = Decompress::new_with_window_bits(false, 15);
+    loop {
+        let before_in = d.total_in();
+        let before_out = d.total_out();
+        let i = usize::try_from(d.total_in()).unwrap_or(usize::MAX);
+        let o = usize::try_from(d.total_out()).unwrap_or(usize::MAX);
+        let (Some(src), Some(dst)) = (input.get(i..), out.get_mut(o..)) else {
+            break;
+        };
+        if dst.is_empty() {
+            break;
+        }
+        match d.decompress(src, dst, FlushDecompress::None) {
+            Ok(Status::StreamEnd) => break,
+            Ok(_) => {}
+            Err(e) => return Err(bad(offset, format!("deflate stream is invalid: {e}"))),
+        }
+        if d.total_in() == before_in && d.total_out() == before_out {
+            break;
+        }
+    }
+    if d.total_out() != out.len() as u64 {
+        return Err(bad(
+            offset,
+            format!(
+                "deflate stream decodes to {} bytes, not the cluster size {}",
+                d.total_out(),
+                out.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn decompress_zstd(input: &[u8], out: &mut [u8], offset: u64) -> Result<()> {
+    use zstd::stream::raw::{Decoder, InBuffer, Operation, OutBuffer};
+    let mut dec = Decoder::new()
+        .map_err(|e| Error::new(ErrorKind::Io, "zstd decoder").with_source(e))?;
+    // Never let a frame header make us allocate a huge window.
+    dec.set_parameter(zstd::stream::raw::DParameter::WindowLogMax(23))
+        .map_err(|e| Error::new(ErrorKind::Io, "zstd decoder").with_source(e))?;
+    let mut inb = InBuffer::around(input);
+    let mut outb = OutBuffer::around(out);
+    while outb.pos() < outb.capacity() {
+        let in_before = inb.pos();
+        let out_before = outb.pos();
+        dec.run(&mut inb, &mut outb)
+            .map_err(|e| bad(offset, format!("zstd stream is invalid: {e}")))?;
+        if inb.pos() == in_before && outb.pos() == out_before {
+            break;
+        }
+    }
+    let n = outb.pos();
+    if n != out.len() {
+        return Err(bad(
+            offset,
+            format!("zstd stream decodes to {n} bytes, not the cluster size {}", out.len()),
+        ));
+    }
+    Ok(())
+}
+
+/// A reusable compressor for one worker thread.
+pub struct Compressor {
+    kind: u8,
+    deflate: Option<Compress>,
+    zstd: Option<zstd::bulk::Compressor<'static>>,
+    buf: Vec<u8>,
+}
+
+impl Compressor {
+    /// A compressor for compression type `kind` (0 deflate, 1 zstd).
+    pub fn new(kind: u8) -> Result<Self> {
+        let (deflate, zstd) = if kind == COMPRESSION_ZSTD {
+            let z = zstd::bulk::Compressor::new(3)
+                .map_err(|e| Error::new(ErrorKind::Io, "zstd compressor").with_source(e))?;
+            (None, Some(z))
+        } else {
+            // Raw deflate with a 4 KiB window: qemu inflates with window bits -12.
+            (Some(Compress::new_with_window_bits(Compression::default(), false, 12)), None)
+        };
+        Ok(Compressor {
+            kind,
+            deflate,
+            zstd,
+            buf: Vec::new(),
+        })
+    }
+
+    /// Compresses one cluster; `None` when the result would not be smaller than the input.
+    pub fn compress(&mut self, data: &[u8]) -> Result<Option<Vec<u8>>> {
+        let limit = data.len().saturating_sub(1);
+        if self.kind == COMPRESSION_ZSTD {
+            let Some(z) = self.zstd.as_mut() else {
+                return Ok(None);
+            };
+            self.buf.clear();
+            self.buf.resize(zstd::zstd_safe::compress_bound(data.len()), 0);
+            let n = z
+                .compress_to_buffer(data, &mut self.buf)
+                .map_err(|e| Error::new(ErrorKind::Io, "zstd compression failed").with_source(e))?;
+            if n > limit {
+                return Ok(None);
+            }
+            return Ok(self.buf.get(..n).map(<[u8]>::to_vec));
+        }
+        let Some(d) = self.deflate.as_mut() else {
+            return Ok(None);
+        };
+        d.reset();
+        self.buf.clear();
+        self.buf.resize(data.len(), 0);
+        match d.compress(data, &mut self.buf, FlushCompress::Finish) {
+            Ok(Status::StreamEnd) => {
+                let n = usize::try_from(d.total_out()).unwrap_or(usize::MAX);
+                if n > limit {
+                    return Ok(None);
+                }
+                Ok(self.buf.get(..n).map(<[u8]>::to_vec))
+            }
+            // Output buffer full: the data does not shrink.
+            Ok(_) => Ok(None),
+            Err(e) => Err(Error::new(ErrorKind::Io, format!("deflate failed: {e}"))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roundtrip_both() {
+        let mut data = vec![0u8; 65536];
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = (i / 100 % 7) as u8;
+        }
+        for kind in [0u8, 1] {
+            let mut c = Compressor::new(kind).unwrap();
+            let z = c.compress(&data).unwrap().unwrap();
+            assert!(z.len() < data.len());
+            let mut out = vec![0u8; 65536];
+            // Trailing garbage (sector padding) must be ignored.
+            let mut padded = z.clone();
+            padded.extend_from_slice(&[0u8; 300]);
+            decompress(kind, &padded, &mut out, 0).unwrap();
+            assert_eq!(out, data);
+            let mut short = vec![0u8; 65537];
+            assert!(decompress(kind, &z, &mut short, 0).is_err());
+        }
+    }
+}
