@@ -134,7 +134,8 @@ impl Compressor {
         };
         d.reset();
         self.buf.clear();
-        self.buf.resize(data.len(), 0);
+        // Room for the worst case: zlib-rs insists on space for its pending output.
+        self.buf.resize(data.len() + data.len() / 8 + 256, 0);
         match d.compress(data, &mut self.buf, FlushCompress::Finish) {
             Ok(Status::StreamEnd) => {
                 let n = usize::try_from(d.total_out()).unwrap_or(usize::MAX);

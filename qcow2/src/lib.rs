@@ -26,7 +26,9 @@ mod image;
 pub mod snapshot;
 mod table;
 mod write;
+mod writer;
 
 pub use header::Header;
 pub use image::{OpenOptions, Qcow2Image};
 pub use snapshot::Snapshot;
+pub use writer::{create, CreateOptions, Preallocation, Qcow2Writer};
