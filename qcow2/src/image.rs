@@ -174,18 +174,18 @@ impl Qcow2Image {
             }
             backing_info = Some(info);
         }
-        if active_snapshot.is_some() || header.nb_snapshots > 0 || geo.extended {
+        if active_snapshot.is_some() || header.nb_snapshots > 0 || geo.extended || data_file_flag {
             // Writes into images with internal snapshots or subclusters are not implemented.
             writable = false;
             if opts.writable {
                 return Err(Error::unsupported(
-                    "writing qcow2 images with internal snapshots or extended L2 entries is not supported",
+                    "writing qcow2 images with internal snapshots, extended L2 entries or an external data file is not supported",
                 ));
             }
         }
         let l2_bytes = cs;
         let max_cache = opts.limits.max_cache;
-        let alloc = AllocState::new(storage.as_ref(), &header, &opts.limits)?;
+        let alloc = AllocState::new(storage.as_ref(), &header, &opts.limits, writable)?;
         Ok(Qcow2Image {
             storage,
             data_file,

@@ -173,11 +173,4 @@ impl L2Cache {
             m.insert(off, t);
         }
     }
-
-    /// Forgets the table at `off`.
-    pub fn remove(&self, off: u64) {
-        if let Some(Ok(mut m)) = self.shard(off).map(Mutex::lock) {
-            m.remove(&off);
-        }
-    }
 }
