@@ -239,7 +239,11 @@ mod tests {
         fn block_status(&self, offset: u64, _max: u64) -> Result<blockdev::Extent> {
             for &(s, l) in &self.data {
                 if offset >= s && offset < s + l {
-                    return Ok(blockdev::Extent::new(offset, s + l - offset, ExtentKind::Data));
+                    return Ok(blockdev::Extent::new(
+                        offset,
+                        s + l - offset,
+                        ExtentKind::Data,
+                    ));
                 }
             }
             let next = self
@@ -249,7 +253,11 @@ mod tests {
                 .filter(|&s| s > offset)
                 .min()
                 .unwrap_or(self.size());
-            Ok(blockdev::Extent::new(offset, next - offset, ExtentKind::Zero))
+            Ok(blockdev::Extent::new(
+                offset,
+                next - offset,
+                ExtentKind::Zero,
+            ))
         }
         fn info(&self) -> blockdev::ImageInfo {
             self.raw.info()
@@ -291,23 +299,50 @@ mod tests {
         assert_eq!(
             out,
             vec![
-                PlanItem::Zero { offset: 0, len: 4096 },
-                PlanItem::Data { offset: 4096, len: 4096 },
-                PlanItem::Zero { offset: 8192, len: 69632 - 8192 },
-                PlanItem::Data { offset: 69632, len: 4096 },
-                PlanItem::Zero { offset: 73728, len: (1 << 20) - 73728 },
+                PlanItem::Zero {
+                    offset: 0,
+                    len: 4096
+                },
+                PlanItem::Data {
+                    offset: 4096,
+                    len: 4096
+                },
+                PlanItem::Zero {
+                    offset: 8192,
+                    len: 69632 - 8192
+                },
+                PlanItem::Data {
+                    offset: 69632,
+                    len: 4096
+                },
+                PlanItem::Zero {
+                    offset: 73728,
+                    len: (1 << 20) - 73728
+                },
             ]
         );
         let out = plan(vec![(0, 1 << 20)], (1 << 20) + 100, 4096, 1 << 19);
         assert_eq!(out.len(), 3);
         let out = plan(vec![], 12345, 4096, 65536);
-        assert_eq!(out, vec![PlanItem::Zero { offset: 0, len: 12345 }]);
+        assert_eq!(
+            out,
+            vec![PlanItem::Zero {
+                offset: 0,
+                len: 12345
+            }]
+        );
         let out = plan(vec![(12000, 345)], 12345, 4096, 65536);
         assert_eq!(
             out,
             vec![
-                PlanItem::Zero { offset: 0, len: 8192 },
-                PlanItem::Data { offset: 8192, len: 12345 - 8192 }
+                PlanItem::Zero {
+                    offset: 0,
+                    len: 8192
+                },
+                PlanItem::Data {
+                    offset: 8192,
+                    len: 12345 - 8192
+                }
             ]
         );
     }

@@ -17,7 +17,11 @@ pub struct CompareResult {
 }
 
 /// Compares `a` and `b` byte for byte; ranges both chains report as zero are not read.
-pub fn compare(a: &dyn BlockDevice, b: &dyn BlockDevice, strict_size: bool) -> Result<CompareResult> {
+pub fn compare(
+    a: &dyn BlockDevice,
+    b: &dyn BlockDevice,
+    strict_size: bool,
+) -> Result<CompareResult> {
     let (sa, sb) = (a.size(), b.size());
     let common = sa.min(sb);
     const CHUNK: u64 = 4 << 20;
@@ -48,7 +52,11 @@ pub fn compare(a: &dyn BlockDevice, b: &dyn BlockDevice, strict_size: bool) -> R
             xb.fill(0);
         }
         if xa != xb {
-            let i = xa.iter().zip(xb.iter()).position(|(x, y)| x != y).unwrap_or(0);
+            let i = xa
+                .iter()
+                .zip(xb.iter())
+                .position(|(x, y)| x != y)
+                .unwrap_or(0);
             return Ok(CompareResult {
                 identical: false,
                 first_difference: Some(pos + i as u64),

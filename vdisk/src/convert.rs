@@ -173,7 +173,8 @@ fn fill(
                     apply(writer, op, offset, &p.buf, &mut report)?;
                 }
                 if verify {
-                    digest.push_zeros((offset + len).div_ceil(SPARSE_BLOCK) - offset / SPARSE_BLOCK);
+                    digest
+                        .push_zeros((offset + len).div_ceil(SPARSE_BLOCK) - offset / SPARSE_BLOCK);
                 }
                 progress(offset + len, size);
             }
@@ -186,7 +187,13 @@ fn fill(
     Ok(report)
 }
 
-fn apply(writer: &mut dyn ImageWriter, op: &Op, base: u64, buf: &[u8], report: &mut ConvertReport) -> Result<()> {
+fn apply(
+    writer: &mut dyn ImageWriter,
+    op: &Op,
+    base: u64,
+    buf: &[u8],
+    report: &mut ConvertReport,
+) -> Result<()> {
     match *op {
         Op::Data { start, len } => {
             let data = start
@@ -247,7 +254,13 @@ fn diff_against(
 }
 
 /// `-B`: where the source reads zeros but the backing image has data, the output must say zero.
-fn zeros_over_backing(backing: &dyn BlockDevice, offset: u64, len: u64, unit: usize, ops: &mut Vec<Op>) -> Result<()> {
+fn zeros_over_backing(
+    backing: &dyn BlockDevice,
+    offset: u64,
+    len: u64,
+    unit: usize,
+    ops: &mut Vec<Op>,
+) -> Result<()> {
     let end = offset.saturating_add(len).min(backing.size());
     let mut pos = offset;
     let mut buf = Vec::new();
@@ -276,7 +289,12 @@ fn zeros_over_backing(backing: &dyn BlockDevice, offset: u64, len: u64, unit: us
     Ok(())
 }
 
-fn verify_output(tmp: &Path, opts: &ConvertOptions, source_size: u64, report: &ConvertReport) -> Result<()> {
+fn verify_output(
+    tmp: &Path,
+    opts: &ConvertOptions,
+    source_size: u64,
+    report: &ConvertReport,
+) -> Result<()> {
     let open_opts = OpenOptions {
         format: Some(opts.format),
         limits: opts.limits.clone(),
@@ -285,7 +303,12 @@ fn verify_output(tmp: &Path, opts: &ConvertOptions, source_size: u64, report: &C
     let out = ChainGate::new(open_opts).open_top(tmp)?;
     let expected = report.digest.clone().unwrap_or_default();
     let view = crate::view::Prefix::new(out.as_ref(), source_size)?;
-    let got = crate::digest::digest(&view, crate::digest::DigestAlgorithm::SparseSha256, None, &mut |_, _| {})?;
+    let got = crate::digest::digest(
+        &view,
+        crate::digest::DigestAlgorithm::SparseSha256,
+        None,
+        &mut |_, _| {},
+    )?;
     if got != expected {
         return Err(Error::new(
             ErrorKind::Mismatch,
@@ -294,11 +317,19 @@ fn verify_output(tmp: &Path, opts: &ConvertOptions, source_size: u64, report: &C
     }
     if out.size() > source_size {
         let pad = crate::view::Window::new(out.as_ref(), source_size, out.size() - source_size)?;
-        let zero = crate::digest::digest(&pad, crate::digest::DigestAlgorithm::SparseSha256, None, &mut |_, _| {})?;
+        let zero = crate::digest::digest(
+            &pad,
+            crate::digest::DigestAlgorithm::SparseSha256,
+            None,
+            &mut |_, _| {},
+        )?;
         let mut z = SparseDigest::new(pad.size());
         z.push_zeros(pad.size().div_ceil(SPARSE_BLOCK));
         if zero != z.finish()? {
-            return Err(Error::new(ErrorKind::Mismatch, "verification failed: the padding after the source's end is not zero"));
+            return Err(Error::new(
+                ErrorKind::Mismatch,
+                "verification failed: the padding after the source's end is not zero",
+            ));
         }
     }
     Ok(())

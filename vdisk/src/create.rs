@@ -30,7 +30,12 @@ pub struct CreateOptions {
 
 /// Opens the parent named `reference` (relative to the new image's directory, as it will be
 /// recorded) for use by `create -b` and `convert -B`.
-pub fn open_parent(new_image: &Path, reference: &str, format: Option<Format>, limits: &Limits) -> Result<ParentSpec> {
+pub fn open_parent(
+    new_image: &Path,
+    reference: &str,
+    format: Option<Format>,
+    limits: &Limits,
+) -> Result<ParentSpec> {
     let p = Path::new(reference);
     let path: PathBuf = if p.is_absolute() {
         p.to_path_buf()
@@ -54,7 +59,9 @@ pub fn open_parent(new_image: &Path, reference: &str, format: Option<Format>, li
             crate::probe::probe(&s)?
         }
     };
-    let abs = path.canonicalize().map_err(|e| Error::io("resolving the backing path", e).with_path(&path))?;
+    let abs = path
+        .canonicalize()
+        .map_err(|e| Error::io("resolving the backing path", e).with_path(&path))?;
     Ok(ParentSpec {
         reference: reference.to_string(),
         path: abs,
@@ -72,7 +79,11 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
     let size = match (opts.size, &parent) {
         (Some(s), _) => s,
         (None, Some(p)) => p.device.size(),
-        (None, None) => return Err(Error::invalid_argument("a size is needed (or a backing file to take it from)")),
+        (None, None) => {
+            return Err(Error::invalid_argument(
+                "a size is needed (or a backing file to take it from)",
+            ))
+        }
     };
     let (pending, storage) = PendingOutput::create(path, opts.force)?;
     let spec = CreateSpec {

@@ -157,11 +157,19 @@ pub fn digest(
                 dev,
                 &cfg,
                 cancel,
-                |_item, bytes| Ok(if bytes.is_empty() { None } else { Some(SparseDigest::hash_block(bytes)) }),
+                |_item, bytes| {
+                    Ok(if bytes.is_empty() {
+                        None
+                    } else {
+                        Some(SparseDigest::hash_block(bytes))
+                    })
+                },
                 |p| {
                     match (p.item, p.extra) {
                         (PlanItem::Zero { offset, len }, _) => {
-                            d.push_zeros((offset + len).div_ceil(SPARSE_BLOCK) - offset / SPARSE_BLOCK);
+                            d.push_zeros(
+                                (offset + len).div_ceil(SPARSE_BLOCK) - offset / SPARSE_BLOCK,
+                            );
                             progress(offset + len, size);
                         }
                         (PlanItem::Data { offset, len }, h) => {
@@ -190,7 +198,11 @@ pub fn digest(
                             let mut left = len;
                             while left > 0 {
                                 let n = left.min(zeros.len() as u64);
-                                h.update(zeros.get(..usize::try_from(n).unwrap_or(0)).unwrap_or_default());
+                                h.update(
+                                    zeros
+                                        .get(..usize::try_from(n).unwrap_or(0))
+                                        .unwrap_or_default(),
+                                );
                                 left -= n;
                             }
                             progress(offset + len, size);

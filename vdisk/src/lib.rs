@@ -13,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 pub mod chain;
+mod commit;
 mod compare;
 mod convert;
 mod create;
@@ -26,12 +27,13 @@ pub mod pipeline;
 mod probe;
 pub mod view;
 
+pub use commit::commit;
 pub use compare::{compare, first_nonzero, CompareResult};
 pub use convert::{convert, ConvertOptions, ConvertReport};
 pub use create::{create, open_parent, CreateOptions};
 pub use digest::{digest, DigestAlgorithm};
 pub use format::Format;
 pub use map::{map, MapEntry};
-pub use open::{open, ChainGate, OpenOptions};
+pub use open::{open, open_with_paths, ChainGate, OpenOptions};
 pub use output::PendingOutput;
 pub use probe::probe;

@@ -19,6 +19,9 @@ pub struct MapEntry {
     pub zero: bool,
     /// Whether a layer holds data for it.
     pub data: bool,
+    /// Whether the data is stored compressed (always false: compressed clusters are reported
+    /// as data without a host offset).
+    pub compressed: bool,
     /// Offset in the answering layer's file, when contiguous and uncompressed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub offset: Option<u64>,
@@ -38,6 +41,7 @@ pub fn map(dev: &dyn BlockDevice) -> Result<Vec<MapEntry>> {
             present: e.present,
             zero: !e.data,
             data: e.data,
+            compressed: false,
             offset: e.host_offset,
         };
         match out.last_mut() {

@@ -39,6 +39,23 @@ pub fn open(path: &Path, opts: &OpenOptions) -> Result<Box<dyn BlockDevice>> {
     gate.open_top(path)
 }
 
+/// Opens the image at `path` with its chain, and returns the files of the chain, top first.
+pub fn open_with_paths(
+    path: &Path,
+    opts: &OpenOptions,
+) -> Result<(Box<dyn BlockDevice>, Vec<PathBuf>)> {
+    let gate = ChainGate::new(opts.clone());
+    let dev = gate.open_top(path)?;
+    let mut paths = vec![path.to_path_buf()];
+    if let Ok(opened) = gate.opened.lock() {
+        // Parents are opened depth-first: the deepest finishes first, so order by depth.
+        let mut v: Vec<(u32, PathBuf)> = opened.clone();
+        v.sort_by_key(|(d, _)| *d);
+        paths.extend(v.into_iter().map(|(_, p)| p));
+    }
+    Ok((dev, paths))
+}
+
 /// The gate the CLI uses: references resolve inside the referring image's directory (and the
 /// directories the user adds), to regular files only, without protocol prefixes, with depth
 /// and cycle limits.
@@ -46,6 +63,8 @@ pub struct ChainGate {
     opts: OpenOptions,
     /// (device, inode) of every file opened so far in this chain.
     visited: Mutex<HashSet<(u64, u64)>>,
+    /// Backing files opened, with their depth.
+    opened: Mutex<Vec<(u32, PathBuf)>>,
 }
 
 impl ChainGate {
@@ -54,6 +73,7 @@ impl ChainGate {
         ChainGate {
             opts,
             visited: Mutex::new(HashSet::new()),
+            opened: Mutex::new(Vec::new()),
         }
     }
 
@@ -250,7 +270,12 @@ impl OpenGate for ChainGate {
                 depth: req.depth,
                 options: &[],
             };
-            return formats::open(format, Box::new(storage), &ctx).map_err(|e| e.with_path(&path));
+            let dev =
+                formats::open(format, Box::new(storage), &ctx).map_err(|e| e.with_path(&path))?;
+            if let Ok(mut o) = self.opened.lock() {
+                o.push((req.depth, path.clone()));
+            }
+            return Ok(dev);
         }
         Err(Self::not_found(req, &refused))
     }

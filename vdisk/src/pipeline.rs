@@ -44,7 +44,9 @@ pub struct PipelineConfig {
 impl PipelineConfig {
     /// Defaults for this machine: readers = cores (at least 2), 2 MiB chunks.
     pub fn for_unit(unit: u64) -> Self {
-        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2);
         let chunk: u64 = 2 << 20;
         let unit = unit.clamp(512, chunk);
         PipelineConfig {
@@ -71,7 +73,8 @@ where
     C: FnMut(&Processed<T>) -> Result<()>,
 {
     let planner = Mutex::new((Planner::new(dev, cfg.unit, cfg.chunk), 0u64, false));
-    let chunk = usize::try_from(cfg.chunk).map_err(|_| Error::invalid_argument("chunk too large"))?;
+    let chunk =
+        usize::try_from(cfg.chunk).map_err(|_| Error::invalid_argument("chunk too large"))?;
     let (pool_tx, pool_rx) = mpsc::sync_channel::<Vec<u8>>(cfg.in_flight);
     for _ in 0..cfg.in_flight {
         pool_tx
@@ -155,7 +158,13 @@ where
     })
 }
 
-fn read_and_process<T, P>(dev: &dyn BlockDevice, item: PlanItem, mut buf: Vec<u8>, chunk: usize, process: &P) -> Result<Processed<T>>
+fn read_and_process<T, P>(
+    dev: &dyn BlockDevice,
+    item: PlanItem,
+    mut buf: Vec<u8>,
+    chunk: usize,
+    process: &P,
+) -> Result<Processed<T>>
 where
     P: Fn(&PlanItem, &[u8]) -> Result<T>,
 {

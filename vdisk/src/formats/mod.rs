@@ -124,3 +124,10 @@ pub fn check_known_options(
     }
     Ok(())
 }
+
+/// Frees leaked clusters of the image at `path` in place (`check -r leaks`); returns how many.
+pub fn repair_leaks(format: Format, _path: &Path) -> Result<u64> {
+    Err(Error::unsupported(format!(
+        "{format} images have no leak repair"
+    )))
+}

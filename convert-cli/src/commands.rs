@@ -1,0 +1,729 @@
+//! The commands: argument validation, calls into `vdisk`, printing.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+
+use blockdev::{BlockDevice, Error, ErrorKind, ImageInfo, Result, Severity};
+use vdisk::{Format, OpenOptions};
+
+use crate::args::{Cli, Command, OpenArgs, OutputFormat, ProgressArg, Target};
+use crate::exit::Code;
+use crate::progress::{human, Progress, ProgressMode};
+
+/// Version of the JSON documents printed with `--output json`.
+const SCHEMA: u32 = 1;
+
+/// Runs a parsed command line and returns the exit code.
+pub fn run(cli: Cli, cancel: &AtomicBool) -> Code {
+    let is_compare = matches!(cli.command, Command::Compare { .. });
+    match dispatch(cli.command, cancel) {
+        Ok(code) => code,
+        Err(e) => {
+            report_error(&e);
+            if is_compare {
+                Code::Usage
+            } else {
+                Code::for_error(e.kind())
+            }
+        }
+    }
+}
+
+/// Prints `vdconv: <error>` and each cause.
+fn report_error(e: &Error) {
+    let mut msg = format!("vdconv: {e}");
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        msg.push_str(&format!(": {s}"));
+        src = s.source();
+    }
+    eprintln!("{msg}");
+}
+
+fn dispatch(cmd: Command, cancel: &AtomicBool) -> Result<Code> {
+    match cmd {
+        Command::Info {
+            format,
+            backing_chain,
+            output,
+            open,
+            image,
+        } => info(&image, format.as_deref(), backing_chain, output, &open),
+        Command::Convert {
+            format,
+            output_format,
+            options,
+            backing,
+            backing_format,
+            compress,
+            progress_flag,
+            progress,
+            force,
+            verify,
+            target,
+            keep_chain,
+            snapshot,
+            open,
+            src,
+            dst,
+        } => {
+            let c = ConvertArgs {
+                format,
+                output_format,
+                options,
+                backing,
+                backing_format,
+                compress,
+                progress: ProgressMode::choose(progress.map(map_progress), progress_flag),
+                force,
+                verify,
+                target,
+                keep_chain,
+                snapshot,
+                open,
+                src,
+                dst,
+            };
+            convert(c, cancel)
+        }
+        Command::Create {
+            format,
+            options,
+            backing,
+            backing_format,
+            force,
+            image,
+            size,
+        } => {
+            let opts = vdisk::CreateOptions {
+                format: format.parse()?,
+                size: size.as_deref().map(parse_size).transpose()?,
+                options: parse_kv_list(&options)?,
+                backing,
+                backing_format: backing_format.as_deref().map(str::parse).transpose()?,
+                force,
+                limits: blockdev::Limits::default(),
+            };
+            vdisk::create(&image, &opts)?;
+            Ok(Code::Ok)
+        }
+        Command::Check {
+            format,
+            output,
+            repair,
+            open,
+            image,
+        } => check(&image, format.as_deref(), output, repair.as_deref(), &open),
+        Command::Compare {
+            format_a,
+            format_b,
+            strict,
+            output,
+            open,
+            a,
+            b,
+        } => {
+            let da = open_image(&a, format_a.as_deref(), &open, false)?;
+            let db = open_image(&b, format_b.as_deref(), &open, false)?;
+            let r = vdisk::compare(da.as_ref(), db.as_ref(), strict)?;
+            match output {
+                OutputFormat::Json => println!(
+                    "{}",
+                    serde_json::json!({"schema": SCHEMA, "identical": r.identical,
+                        "first_difference": r.first_difference, "sizes": [r.sizes.0, r.sizes.1]})
+                ),
+                OutputFormat::Human => {
+                    if r.identical {
+                        println!("Images are identical.");
+                    } else if r.sizes.0 != r.sizes.1 && strict {
+                        println!(
+                            "Strict mode: image size mismatch ({} vs {} bytes)!",
+                            r.sizes.0, r.sizes.1
+                        );
+                    } else {
+                        println!(
+                            "Content mismatch at offset {}!",
+                            r.first_difference.unwrap_or(0)
+                        );
+                    }
+                }
+            }
+            Ok(if r.identical { Code::Ok } else { Code::Error })
+        }
+        Command::Map {
+            format,
+            output,
+            open,
+            image,
+        } => {
+            let dev = open_image(&image, format.as_deref(), &open, false)?;
+            let entries = vdisk::map(dev.as_ref())?;
+            match output {
+                OutputFormat::Json => {
+                    let s = serde_json::to_string_pretty(&entries).map_err(|e| {
+                        Error::new(ErrorKind::Io, "cannot encode JSON").with_source(e)
+                    })?;
+                    println!("{s}");
+                }
+                OutputFormat::Human => {
+                    println!(
+                        "{:<20}{:<20}{:<20}{:<8}",
+                        "Offset", "Length", "Mapped to", "Kind"
+                    );
+                    for e in entries.iter().filter(|e| e.data || e.present) {
+                        let kind = if e.data { "data" } else { "zero" };
+                        let mapped = e
+                            .offset
+                            .map(|o| format!("{o:#x}"))
+                            .unwrap_or_else(|| "-".into());
+                        println!(
+                            "{:<20}{:<20}{:<20}{kind} (depth {})",
+                            format!("{:#x}", e.start),
+                            format!("{:#x}", e.length),
+                            mapped,
+                            e.depth
+                        );
+                    }
+                }
+            }
+            Ok(Code::Ok)
+        }
+        Command::Digest {
+            format,
+            algorithm,
+            output,
+            progress_flag,
+            open,
+            image,
+        } => {
+            let alg: vdisk::DigestAlgorithm = algorithm.parse()?;
+            let dev = open_image(&image, format.as_deref(), &open, false)?;
+            let mut p = Progress::new(ProgressMode::choose(None, progress_flag), "digest");
+            let hex = vdisk::digest(dev.as_ref(), alg, Some(cancel), &mut |d, t| p.update(d, t))?;
+            p.finish(dev.size());
+            match output {
+                OutputFormat::Json => println!(
+                    "{}",
+                    serde_json::json!({"schema": SCHEMA, "algorithm": alg.name(), "digest": hex,
+                        "image": image.display().to_string(), "virtual_size": dev.size()})
+                ),
+                OutputFormat::Human => println!("{hex}  {}", image.display()),
+            }
+            Ok(Code::Ok)
+        }
+        Command::Commit {
+            format,
+            progress_flag,
+            open,
+            image,
+        } => {
+            let mut opts = open_options(&open, format.as_deref(), false)?;
+            opts.no_backing = false;
+            let mut p = Progress::new(ProgressMode::choose(None, progress_flag), "commit");
+            let parent = vdisk::commit(&image, &opts, Some(cancel), &mut |d, t| p.update(d, t))?;
+            p.finish(0);
+            eprintln!("Image committed into {}.", parent.display());
+            Ok(Code::Ok)
+        }
+    }
+}
+
+fn map_progress(p: ProgressArg) -> ProgressMode {
+    match p {
+        ProgressArg::Bar => ProgressMode::Bar,
+        ProgressArg::Json => ProgressMode::Json,
+        ProgressArg::None => ProgressMode::None,
+    }
+}
+
+fn open_options(open: &OpenArgs, format: Option<&str>, writable: bool) -> Result<OpenOptions> {
+    Ok(OpenOptions {
+        format: format.map(str::parse).transpose()?,
+        writable,
+        no_backing: open.no_backing,
+        backing_dirs: open.backing_dirs.clone(),
+        ignore_parent_id: open.ignore_parent_id,
+        limits: blockdev::Limits::default(),
+        format_options: parse_kv_list(&open.open_options)?,
+    })
+}
+
+fn open_image(
+    path: &Path,
+    format: Option<&str>,
+    open: &OpenArgs,
+    writable: bool,
+) -> Result<Box<dyn BlockDevice>> {
+    vdisk::open(path, &open_options(open, format, writable)?)
+}
+
+/// Parses `K=V,K=V` lists (repeatable); a bare `K` means `K=on`.
+pub fn parse_kv_list(items: &[String]) -> Result<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    for item in items {
+        for part in item.split(',').filter(|s| !s.is_empty()) {
+            let (k, v) = part.split_once('=').unwrap_or((part, "on"));
+            if k.is_empty() {
+                return Err(Error::invalid_argument(format!(
+                    "invalid option '{part}' (expected K=V)"
+                )));
+            }
+            out.push((k.trim().to_string(), v.trim().to_string()));
+        }
+    }
+    Ok(out)
+}
+
+/// Parses a size: bytes, or a number with a binary suffix K, M, G, T, P, E (optionally
+/// followed by `iB` or `B`); fractions are allowed with a suffix (`1.5G`).
+pub fn parse_size(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let bad = || {
+        Error::invalid_argument(format!(
+            "invalid size '{s}' (expected e.g. 10G, 512M, 1048576)"
+        ))
+    };
+    let lower = t.to_ascii_lowercase();
+    let stripped = lower
+        .strip_suffix("ib")
+        .or_else(|| lower.strip_suffix('b'))
+        .unwrap_or(&lower);
+    let (num, shift) = match stripped.chars().last() {
+        Some('k') => (&stripped[..stripped.len() - 1], 10),
+        Some('m') => (&stripped[..stripped.len() - 1], 20),
+        Some('g') => (&stripped[..stripped.len() - 1], 30),
+        Some('t') => (&stripped[..stripped.len() - 1], 40),
+        Some('p') => (&stripped[..stripped.len() - 1], 50),
+        Some('e') => (&stripped[..stripped.len() - 1], 60),
+        _ => (stripped, 0),
+    };
+    if num.is_empty() {
+        return Err(bad());
+    }
+    if let Ok(n) = num.parse::<u64>() {
+        return n
+            .checked_shl(shift)
+            .filter(|v| v >> shift == n)
+            .ok_or_else(bad);
+    }
+    let f: f64 = num.parse().map_err(|_| bad())?;
+    if !f.is_finite() || f < 0.0 || shift == 0 {
+        return Err(bad());
+    }
+    let v = f * (1u64 << shift) as f64;
+    if v >= u64::MAX as f64 {
+        return Err(bad());
+    }
+    Ok(v.floor() as u64)
+}
+
+/// Bytes the file occupies on disk (allocated blocks), as `du` counts them.
+fn disk_usage(path: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| m.blocks() * 512)
+}
+
+fn info_json(path: &Path, info: &ImageInfo) -> serde_json::Value {
+    let actual = disk_usage(path).or(info.actual_size);
+    serde_json::json!({
+        "schema": SCHEMA,
+        "filename": path.display().to_string(),
+        "format": info.format,
+        "subformat": info.subformat,
+        "virtual_size": info.virtual_size,
+        "actual_size": actual,
+        "cluster_size": info.cluster_size,
+        "logical_sector_size": info.logical_sector_size,
+        "physical_sector_size": info.physical_sector_size,
+        "backing": info.backing,
+        "format_specific": info.format_specific,
+    })
+}
+
+fn print_info_human(path: &Path, info: &ImageInfo) {
+    println!("image: {}", path.display());
+    println!("file format: {}", info.format);
+    if let Some(sf) = &info.subformat {
+        println!("subformat: {sf}");
+    }
+    println!(
+        "virtual size: {} ({} bytes)",
+        human(info.virtual_size),
+        info.virtual_size
+    );
+    if let Some(a) = disk_usage(path).or(info.actual_size) {
+        println!("disk size: {}", human(a));
+    }
+    if let Some(c) = info.cluster_size {
+        println!("cluster_size: {c}");
+    }
+    println!(
+        "sector size: {} logical, {} physical",
+        info.logical_sector_size, info.physical_sector_size
+    );
+    if let Some(b) = &info.backing {
+        println!(
+            "backing file: {}{}",
+            b.reference,
+            if b.resolved {
+                b.resolved_path
+                    .as_ref()
+                    .map(|p| format!(" (actual path: {p})"))
+                    .unwrap_or_default()
+            } else {
+                " (not opened)".to_string()
+            }
+        );
+        if let Some(f) = &b.format {
+            println!("backing file format: {f}");
+        }
+    }
+    if !info.format_specific.is_empty() {
+        println!("Format specific information:");
+        for (k, v) in &info.format_specific {
+            print_value(k, v, 1);
+        }
+    }
+}
+
+fn print_value(key: &str, v: &serde_json::Value, depth: usize) {
+    let pad = "    ".repeat(depth);
+    match v {
+        serde_json::Value::Object(m) => {
+            println!("{pad}{key}:");
+            for (k, x) in m {
+                print_value(k, x, depth + 1);
+            }
+        }
+        serde_json::Value::Array(a) if a.iter().any(|x| x.is_object() || x.is_array()) => {
+            println!("{pad}{key}:");
+            for (i, x) in a.iter().enumerate() {
+                print_value(&format!("[{i}]"), x, depth + 1);
+            }
+        }
+        serde_json::Value::Array(a) => {
+            let items: Vec<String> = a.iter().map(scalar).collect();
+            println!("{pad}{key}: {}", items.join(", "));
+        }
+        other => println!("{pad}{key}: {}", scalar(other)),
+    }
+}
+
+fn scalar(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "-".to_string(),
+        other => other.to_string(),
+    }
+}
+
+fn info(
+    path: &Path,
+    format: Option<&str>,
+    chain: bool,
+    output: OutputFormat,
+    open: &OpenArgs,
+) -> Result<Code> {
+    let opts = open_options(open, format, false)?;
+    // A child whose parent is missing still shows its own facts (and where it looked).
+    let (dev, paths, warning) = match vdisk::open_with_paths(path, &opts) {
+        Ok((d, p)) => (d, p, None),
+        Err(e)
+            if matches!(
+                e.kind(),
+                ErrorKind::BackingNotFound | ErrorKind::BackingDenied | ErrorKind::BackingMismatch
+            ) && !opts.no_backing =>
+        {
+            let mut o = opts.clone();
+            o.no_backing = true;
+            let (d, p) = vdisk::open_with_paths(path, &o)?;
+            (d, p, Some(e))
+        }
+        Err(e) => return Err(e),
+    };
+    if let Some(w) = &warning {
+        eprintln!("vdconv: warning: {w}");
+    }
+    let mut layers: Vec<(PathBuf, ImageInfo)> = vec![(path.to_path_buf(), dev.info())];
+    if chain {
+        let mut cur = dev.backing();
+        let mut i = 1;
+        while let Some(b) = cur {
+            let p = paths.get(i).cloned().unwrap_or_default();
+            layers.push((p, b.info()));
+            cur = b.backing();
+            i += 1;
+        }
+    }
+    match output {
+        OutputFormat::Json => {
+            let v: Vec<serde_json::Value> = layers.iter().map(|(p, i)| info_json(p, i)).collect();
+            let doc = if chain {
+                serde_json::Value::Array(v)
+            } else {
+                v.into_iter().next().unwrap_or_default()
+            };
+            let s = serde_json::to_string_pretty(&doc)
+                .map_err(|e| Error::new(ErrorKind::Io, "cannot encode JSON").with_source(e))?;
+            println!("{s}");
+        }
+        OutputFormat::Human => {
+            for (i, (p, inf)) in layers.iter().enumerate() {
+                if i > 0 {
+                    println!();
+                }
+                print_info_human(p, inf);
+            }
+        }
+    }
+    Ok(Code::Ok)
+}
+
+fn check(
+    path: &Path,
+    format: Option<&str>,
+    output: OutputFormat,
+    repair: Option<&str>,
+    open: &OpenArgs,
+) -> Result<Code> {
+    let mut opts = open_options(open, format, false)?;
+    // Check reads one layer's metadata: parents are not needed.
+    opts.no_backing = true;
+    if let Some(r) = repair {
+        if r != "leaks" && r != "all" {
+            return Err(Error::invalid_argument(format!(
+                "unknown repair mode '{r}' (expected leaks)"
+            )));
+        }
+        let fmt = match opts.format {
+            Some(f) => f,
+            None => vdisk::probe(&blockdev::FileStorage::open(path, false)?)?,
+        };
+        let repaired = vdisk::formats::repair_leaks(fmt, path)?;
+        eprintln!("Repaired {repaired} leaked cluster(s).");
+    }
+    let dev = vdisk::open(path, &opts)?;
+    let report = dev.check()?;
+    let code = if report.corruptions() > 0 {
+        Code::Corrupt
+    } else if report.leaks() > 0 {
+        Code::Leaks
+    } else {
+        Code::Ok
+    };
+    match output {
+        OutputFormat::Json => {
+            let doc = serde_json::json!({
+                "schema": SCHEMA,
+                "filename": path.display().to_string(),
+                "format": report.format,
+                "corruptions": report.corruptions(),
+                "leaks": report.leaks(),
+                "clean": code == Code::Ok,
+                "findings": report.findings,
+                "stats": report.stats,
+            });
+            let s = serde_json::to_string_pretty(&doc)
+                .map_err(|e| Error::new(ErrorKind::Io, "cannot encode JSON").with_source(e))?;
+            println!("{s}");
+        }
+        OutputFormat::Human => {
+            for f in &report.findings {
+                let sev = match f.severity {
+                    Severity::Corruption => "ERROR",
+                    Severity::Leak => "Leaked",
+                    Severity::Warning => "Warning",
+                };
+                let at = f.offset.map(|o| format!(" at {o:#x}")).unwrap_or_default();
+                println!("{sev}: {}{at}: {}", f.field, f.message);
+            }
+            if code == Code::Ok {
+                println!("No errors were found on the image.");
+            } else {
+                println!(
+                    "{} errors and {} leaks were found on the image.",
+                    report.corruptions(),
+                    report.leaks()
+                );
+            }
+            for (k, v) in &report.stats {
+                println!("{k}: {}", scalar(v));
+            }
+        }
+    }
+    Ok(code)
+}
+
+struct ConvertArgs {
+    format: Option<String>,
+    output_format: Option<String>,
+    options: Vec<String>,
+    backing: Option<String>,
+    backing_format: Option<String>,
+    compress: bool,
+    progress: ProgressMode,
+    force: bool,
+    verify: bool,
+    target: Option<Target>,
+    keep_chain: bool,
+    snapshot: Option<String>,
+    open: OpenArgs,
+    src: PathBuf,
+    dst: PathBuf,
+}
+
+fn convert(a: ConvertArgs, cancel: &AtomicBool) -> Result<Code> {
+    let mut open = a.open.clone();
+    if let Some(s) = &a.snapshot {
+        open.open_options.push(format!("snapshot={s}"));
+    }
+    let opts = open_options(&open, a.format.as_deref(), false)?;
+    let src = vdisk::open(&a.src, &opts)?;
+
+    let mut out_opts = parse_kv_list(&a.options)?;
+    let mut size = None;
+    let out_format: Format = match (a.target, a.output_format.as_deref()) {
+        (Some(t), named) => {
+            let f = match t {
+                Target::Azure | Target::Xen => Format::Vhd,
+                Target::Hyperv => Format::Vhdx,
+                Target::Kvm => Format::Qcow2,
+            };
+            if let Some(n) = named {
+                if n.parse::<Format>()? != f {
+                    return Err(Error::invalid_argument(format!(
+                        "--target {t:?} writes {f}, not {n}"
+                    )));
+                }
+            }
+            let preset: &[(&str, &str)] = match t {
+                Target::Azure => &[("subformat", "fixed")],
+                Target::Hyperv => &[
+                    ("subformat", "dynamic"),
+                    ("physical_sector_size", "4096"),
+                    ("block_size", "32M"),
+                ],
+                Target::Xen => &[("dialect", "xen")],
+                Target::Kvm => &[("compat", "1.1")],
+            };
+            // User options come after the preset, so they win.
+            let mut v: Vec<(String, String)> = preset
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            v.append(&mut out_opts);
+            out_opts = v;
+            if t == Target::Azure {
+                const MIB: u64 = 1 << 20;
+                const AZURE_MAX: u64 = 4095 * (1 << 30);
+                let s = src.size().div_ceil(MIB) * MIB;
+                if s != src.size() {
+                    eprintln!(
+                        "vdconv: notice: virtual size rounded up from {} to {} bytes ({} MiB): Azure accepts only whole MiB",
+                        src.size(),
+                        s,
+                        s / MIB
+                    );
+                }
+                if s > AZURE_MAX {
+                    return Err(Error::invalid_argument(format!(
+                        "{} bytes is larger than Azure's largest managed disk VHD (4095 GiB)",
+                        s
+                    )));
+                }
+                size = Some(s);
+            }
+            f
+        }
+        (None, Some(n)) => n.parse()?,
+        (None, None) => {
+            return Err(Error::invalid_argument(
+                "name the output format with -O (raw, vhd, vhdx, qcow2)",
+            ))
+        }
+    };
+    if a.compress {
+        if out_format != Format::Qcow2 {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                format!("compression (-c) is supported for qcow2 output only, not {out_format}"),
+            ));
+        }
+        out_opts.push(("compress".to_string(), "on".to_string()));
+    }
+    check_target_capacity(out_format, size.unwrap_or(src.size()))?;
+    if a.keep_chain {
+        return Err(Error::unsupported("--keep-chain is not available yet"));
+    }
+    let backing = match &a.backing {
+        Some(r) => Some(vdisk::open_parent(
+            &a.dst,
+            r,
+            a.backing_format.as_deref().map(str::parse).transpose()?,
+            &blockdev::Limits::default(),
+        )?),
+        None => None,
+    };
+    let mut copts = vdisk::ConvertOptions::new(out_format);
+    copts.options = out_opts;
+    copts.backing = backing;
+    copts.force = a.force;
+    copts.verify = a.verify;
+    copts.size = size;
+    let mut p = Progress::new(a.progress, "convert");
+    let report = vdisk::convert(src.as_ref(), &a.dst, &copts, Some(cancel), &mut |d, t| {
+        p.update(d, t)
+    })?;
+    p.finish(report.virtual_size);
+    if let Some(d) = &report.digest {
+        eprintln!("Verified: output content matches the source (sparse-sha256 {d}).");
+    }
+    Ok(Code::Ok)
+}
+
+/// Refuses sizes a target format cannot hold, before anything is written.
+fn check_target_capacity(format: Format, size: u64) -> Result<()> {
+    let (max, what) = match format {
+        Format::Vhd => (2040u64 << 30, "2040 GiB"),
+        Format::Vhdx => (64u64 << 40, "64 TiB"),
+        _ => return Ok(()),
+    };
+    if size > max {
+        return Err(Error::invalid_argument(format!(
+            "the source is {size} bytes; {format} holds at most {what}"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512").unwrap(), 512);
+        assert_eq!(parse_size("10M").unwrap(), 10 << 20);
+        assert_eq!(parse_size("1G").unwrap(), 1 << 30);
+        assert_eq!(parse_size("2TiB").unwrap(), 2 << 40);
+        assert_eq!(parse_size("1.5K").unwrap(), 1536);
+        assert_eq!(parse_size("100.3M").unwrap(), (100.3f64 * 1048576.0) as u64);
+        assert!(parse_size("x").is_err());
+        assert!(parse_size("16E").is_err());
+        assert!(parse_size("").is_err());
+    }
+
+    #[test]
+    fn kv() {
+        let v = parse_kv_list(&["a=1,b=2".into(), "c".into()]).unwrap();
+        assert_eq!(
+            v,
+            vec![
+                ("a".into(), "1".into()),
+                ("b".into(), "2".into()),
+                ("c".into(), "on".into())
+            ]
+        );
+        assert!(parse_kv_list(&["=x".into()]).is_err());
+    }
+}

@@ -1,0 +1,278 @@
+//! End-to-end tests of the `vdconv` binary, checked against cmp, sha256sum and qemu-img.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use testsupport::{require_tool, run, sha256_file, TestRng};
+
+fn vdconv() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_vdconv"))
+}
+
+/// A sparse raw file with random data at the given (offset, len) places.
+fn sparse_raw(path: &Path, size: u64, pieces: &[(u64, usize)], seed: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(size).unwrap();
+    let mut rng = TestRng::new(seed);
+    for &(off, len) in pieces {
+        let mut buf = vec![0u8; len];
+        rng.fill(&mut buf);
+        f.write_all_at(&buf, off).unwrap();
+    }
+}
+
+fn allocated(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap().blocks() * 512
+}
+
+fn entries(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn raw_convert_keeps_holes_and_agrees_with_cmp_sha256sum_qemu_map() {
+    require_tool("qemu-img");
+    let d = tempfile::tempdir().unwrap();
+    let a = d.path().join("a.raw");
+    let b = d.path().join("b.raw");
+    sparse_raw(
+        &a,
+        64 << 20,
+        &[
+            (1 << 20, 3 << 20),
+            (40 << 20, 4096),
+            ((64 << 20) - 512, 512),
+        ],
+        1,
+    );
+    let (code, _, err) = run(vdconv()
+        .args(["convert", "-f", "raw", "-O", "raw"])
+        .arg(&a)
+        .arg(&b));
+    assert_eq!(code, 0, "{err}");
+    // Holes kept: the copy allocates about what the source does, far less than 64 MiB.
+    assert!(
+        allocated(&b) <= allocated(&a) + (1 << 20),
+        "{} vs {}",
+        allocated(&b),
+        allocated(&a)
+    );
+    assert!(allocated(&b) < 8 << 20);
+    let (code, _, _) = run(Command::new("cmp").arg(&a).arg(&b));
+    assert_eq!(code, 0, "cmp says the copy differs");
+
+    // compare agrees with cmp, both ways.
+    let (code, out, _) = run(vdconv().arg("compare").arg(&a).arg(&b));
+    assert_eq!(code, 0, "{out}");
+    let c = d.path().join("c.raw");
+    std::fs::copy(&a, &c).unwrap();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&c).unwrap();
+        f.write_all_at(b"X", 50 << 20).unwrap();
+    }
+    let (code, out, _) = run(vdconv().arg("compare").arg(&a).arg(&c));
+    assert_eq!(code, 1);
+    assert!(out.contains(&format!("{}", 50u64 << 20)), "{out}");
+    let (cmp_code, _, _) = run(Command::new("cmp").arg(&a).arg(&c));
+    assert_eq!(cmp_code, 1);
+
+    // digest --algorithm sha256 equals sha256sum.
+    let (code, out, _) = run(vdconv().args(["digest", "--algorithm", "sha256"]).arg(&b));
+    assert_eq!(code, 0);
+    let (hex, name) = out.trim().split_once("  ").unwrap();
+    assert_eq!(hex, sha256_file(&a));
+    assert_eq!(name, b.display().to_string());
+    // The sparse digest is content-only: equal for equal content, different otherwise.
+    let dig = |p: &Path| {
+        run(vdconv().arg("digest").arg(p))
+            .1
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(dig(&a), dig(&b));
+    assert_ne!(dig(&a), dig(&c));
+
+    // map --output json agrees with qemu-img map on start/length/data/zero.
+    let (code, ours, _) = run(vdconv().args(["map", "--output", "json"]).arg(&b));
+    assert_eq!(code, 0);
+    let (code, theirs, _) = run(Command::new("qemu-img")
+        .args(["map", "--output=json", "-f", "raw"])
+        .arg(&b));
+    assert_eq!(code, 0);
+    let key = |s: &str| -> Vec<(u64, u64, bool, bool)> {
+        let v: serde_json::Value = serde_json::from_str(s).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                (
+                    e["start"].as_u64().unwrap(),
+                    e["length"].as_u64().unwrap(),
+                    e["data"].as_bool().unwrap(),
+                    e["zero"].as_bool().unwrap(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(key(&ours), key(&theirs));
+}
+
+#[test]
+fn existing_destination_needs_force() {
+    let d = tempfile::tempdir().unwrap();
+    let a = d.path().join("a.raw");
+    let b = d.path().join("b.raw");
+    sparse_raw(&a, 1 << 20, &[(0, 4096)], 2);
+    std::fs::write(&b, b"keep me").unwrap();
+    let (code, _, err) = run(vdconv()
+        .args(["convert", "-O", "raw", "-f", "raw"])
+        .arg(&a)
+        .arg(&b));
+    assert_ne!(code, 0);
+    assert!(err.starts_with("vdconv: "), "{err}");
+    assert!(err.contains("--force"), "{err}");
+    assert_eq!(std::fs::read(&b).unwrap(), b"keep me");
+    let (code, _, err) = run(vdconv()
+        .args(["convert", "-O", "raw", "-f", "raw", "--force"])
+        .arg(&a)
+        .arg(&b));
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(sha256_file(&a), sha256_file(&b));
+    assert_eq!(entries(d.path()).len(), 2, "no temporary file left behind");
+}
+
+#[test]
+fn write_error_leaves_nothing_at_destination() {
+    // A file-size limit makes the output's writes fail with EFBIG part-way through.
+    let d = tempfile::tempdir().unwrap();
+    let a = d.path().join("a.raw");
+    let b = d.path().join("b.raw");
+    sparse_raw(&a, 16 << 20, &[(0, 8 << 20)], 3);
+    let script = format!(
+        "ulimit -f 2048; exec {} convert -f raw -O raw {} {}",
+        env!("CARGO_BIN_EXE_vdconv"),
+        a.display(),
+        b.display()
+    );
+    let (code, _, err) = run(Command::new("sh").arg("-c").arg(&script));
+    assert_ne!(
+        code, 0,
+        "conversion should fail under a 1 MiB file-size limit"
+    );
+    assert!(err.contains("vdconv: "), "{err}");
+    assert_eq!(
+        entries(d.path()),
+        vec![a.clone()],
+        "only the source may remain: {err}"
+    );
+}
+
+#[test]
+fn ctrl_c_leaves_nothing_at_destination() {
+    let d = tempfile::tempdir().unwrap();
+    let a = d.path().join("a.raw");
+    let b = d.path().join("b.raw");
+    // 768 MiB of non-zero data: long enough to interrupt.
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&a).unwrap();
+        let chunk = vec![0x5au8; 1 << 20];
+        for _ in 0..768 {
+            f.write_all(&chunk).unwrap();
+        }
+    }
+    let mut child = vdconv()
+        .args(["convert", "-f", "raw", "-O", "raw", "--progress", "json"])
+        .arg(&a)
+        .arg(&b)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut first = String::new();
+    err.read_line(&mut first).unwrap();
+    assert!(
+        first.contains("\"done\""),
+        "expected a JSON progress line, got {first:?}"
+    );
+    let pid = child.id().to_string();
+    run(Command::new("kill").args(["-INT", &pid]));
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut err, &mut rest).unwrap();
+    let status = child.wait().unwrap();
+    if status.success() {
+        // The conversion beat the signal: nothing to check on this machine.
+        eprintln!("conversion finished before the interrupt arrived");
+        return;
+    }
+    assert_eq!(status.code(), Some(130), "{rest}");
+    assert!(rest.contains("interrupted"), "{rest}");
+    assert_eq!(
+        entries(d.path()),
+        vec![a.clone()],
+        "only the source may remain"
+    );
+}
+
+#[test]
+fn info_json_has_the_documented_fields() {
+    let d = tempfile::tempdir().unwrap();
+    let a = d.path().join("a.img");
+    sparse_raw(&a, 3 << 20, &[(0, 512)], 4);
+    let (code, out, err) = run(vdconv().args(["info", "--output", "json"]).arg(&a));
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["format"], "raw");
+    assert_eq!(v["virtual_size"], 3 << 20);
+    assert!(v["subformat"].is_null());
+    assert_eq!(v["logical_sector_size"], 512);
+    assert_eq!(v["physical_sector_size"], 512);
+    assert!(v["backing"].is_null());
+    assert!(v["format_specific"].is_object());
+}
+
+#[test]
+fn create_raw_and_errors_are_prefixed() {
+    let d = tempfile::tempdir().unwrap();
+    let a = d.path().join("new.img");
+    let (code, _, err) = run(vdconv().args(["create", "-f", "raw"]).arg(&a).arg("10M"));
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(std::fs::metadata(&a).unwrap().len(), 10 << 20);
+    assert_eq!(allocated(&a), 0);
+    let (code, _, err) = run(vdconv().args(["info"]).arg(d.path().join("missing.img")));
+    assert_ne!(code, 0);
+    assert!(err.starts_with("vdconv: "), "{err}");
+    let (code, _, err) = run(vdconv().args(["create", "-f", "nosuch"]).arg(&a).arg("1M"));
+    assert_eq!(code, 2, "{err}");
+}
+
+#[test]
+fn probed_raw_is_not_opened_for_writing_and_ambiguous_input_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let a = d.path().join("poly.img");
+    let mut bytes = vec![0u8; 4096];
+    bytes[..4].copy_from_slice(b"QFI\xfb");
+    bytes[4096 - 512..4096 - 504].copy_from_slice(b"conectix");
+    std::fs::write(&a, &bytes).unwrap();
+    let (code, _, err) = run(vdconv().arg("info").arg(&a));
+    assert_ne!(code, 0);
+    assert!(err.contains("several formats"), "{err}");
+}

@@ -1,0 +1,74 @@
+//! Merging a differencing/overlay image into its parent (Hyper-V's Merge-VHD, qemu-img commit).
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use blockdev::{Error, ErrorKind, ExtentKind, Result};
+
+use crate::format::Format;
+use crate::open::{open, open_with_paths, OpenOptions};
+use crate::probe::probe;
+
+/// Copies every range the top layer of `image` holds (data, and explicit zeros) into its
+/// parent, opened for writing, then flushes the parent. Returns the parent's path.
+///
+/// Crash safety is the parent format's: every write goes through its in-place write path,
+/// which follows the format's ordering rules, so an interrupted commit leaves a consistent
+/// parent holding part of the child's data (the child itself is not modified).
+pub fn commit(
+    image: &Path,
+    opts: &OpenOptions,
+    cancel: Option<&AtomicBool>,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<std::path::PathBuf> {
+    let (top, paths) = open_with_paths(image, opts)?;
+    let parent_path = paths.get(1).cloned().ok_or_else(|| {
+        Error::invalid_argument("the image has no parent/backing file to commit into")
+            .with_path(image)
+    })?;
+    let parent_format: Format = {
+        let s = blockdev::FileStorage::open(&parent_path, false)?;
+        probe(&s)?
+    };
+    let parent_opts = OpenOptions {
+        format: Some(parent_format),
+        writable: true,
+        backing_dirs: opts.backing_dirs.clone(),
+        ignore_parent_id: opts.ignore_parent_id,
+        limits: opts.limits.clone(),
+        ..OpenOptions::default()
+    };
+    let parent = open(&parent_path, &parent_opts)?;
+    let size = top.size().min(parent.size());
+    let mut buf = vec![0u8; 2 << 20];
+    let mut pos = 0u64;
+    while pos < size {
+        if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+            parent.flush()?;
+            return Err(Error::new(ErrorKind::Interrupted, "interrupted"));
+        }
+        let e = top.block_status(pos, size - pos)?;
+        let len = e.len.min(size - pos);
+        match e.kind {
+            ExtentKind::Data => {
+                let mut q = pos;
+                while q < pos + len {
+                    let n = (pos + len - q).min(buf.len() as u64);
+                    let part = buf
+                        .get_mut(..usize::try_from(n).unwrap_or(0))
+                        .ok_or_else(|| Error::new(ErrorKind::Io, "internal buffer"))?;
+                    top.read_at(part, q)?;
+                    parent.write_at(part, q)?;
+                    q += n;
+                    progress(q, size);
+                }
+            }
+            ExtentKind::Zero => parent.write_zeroes(pos, len, false)?,
+            _ => {}
+        }
+        pos += len;
+        progress(pos, size);
+    }
+    parent.flush()?;
+    Ok(parent_path)
+}
