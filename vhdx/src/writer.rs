@@ -1,0 +1,236 @@
+//! [`VhdxWriter`]: the sequential writer `convert` fills. Payload blocks are laid out in guest
+//! order from the first 1 MiB boundary after the BAT; BAT, sector bitmaps, metadata and headers
+//! are written once by `finish`.
+
+use std::collections::BTreeMap;
+
+use blockdev::{Error, ImageWriter, Limits, Result, Storage};
+
+use crate::bat;
+use crate::create::{finish_image, CreateOptions, Layout, Subformat};
+use crate::format::*;
+
+/// Sequential writer of a new VHDX image.
+pub struct VhdxWriter {
+    storage: Box<dyn Storage>,
+    opts: CreateOptions,
+    layout: Layout,
+    bat: Vec<u64>,
+    next_free: u64,
+    fixed: bool,
+    /// Sector bitmaps of the chunks touched (differencing output only).
+    bitmaps: BTreeMap<u64, Vec<u8>>,
+    limits: Limits,
+}
+
+impl VhdxWriter {
+    /// Starts a new image on the empty `storage`.
+    pub fn new(storage: Box<dyn Storage>, opts: CreateOptions, limits: &Limits) -> Result<Self> {
+        let layout = opts.layout()?;
+        let n = layout.geom.entries;
+        limits.check_alloc(n.saturating_mul(8), "bat")?;
+        let mut bat = Vec::new();
+        bat.try_reserve_exact(n as usize)
+            .map_err(|_| Error::limit("bat", 0, "cannot allocate the BAT"))?;
+        bat.resize(n as usize, 0u64);
+        let fixed = opts.parent.is_none() && opts.subformat == Subformat::Fixed;
+        let next_free = layout.data_offset;
+        Ok(VhdxWriter {
+            storage,
+            opts,
+            layout,
+            bat,
+            next_free,
+            fixed,
+            bitmaps: BTreeMap::new(),
+            limits: limits.clone(),
+        })
+    }
+
+    fn host_of(&mut self, blk: u64) -> Result<u64> {
+        let g = self.layout.geom;
+        let i = g.payload(blk);
+        let e = self.bat.get(i).copied().unwrap_or(0);
+        if matches!(
+            bat::state(e),
+            PAYLOAD_FULLY_PRESENT | PAYLOAD_PARTIALLY_PRESENT
+        ) {
+            return Ok(bat::offset(e));
+        }
+        let host = if self.fixed {
+            self.layout.data_offset + blk * g.block_size
+        } else {
+            let h = self.next_free;
+            self.next_free = h + g.block_size;
+            h
+        };
+        let st = if g.has_parent {
+            PAYLOAD_PARTIALLY_PRESENT
+        } else {
+            PAYLOAD_FULLY_PRESENT
+        };
+        if let Some(x) = self.bat.get_mut(i) {
+            *x = bat::entry(st, host);
+        }
+        Ok(host)
+    }
+
+    fn mark(&mut self, pos: u64, len: u64) -> Result<()> {
+        if !self.layout.geom.has_parent || len == 0 {
+            return Ok(());
+        }
+        let ls = u64::from(self.opts.logical);
+        let first = pos / ls;
+        let end = (pos + len).div_ceil(ls);
+        let mut s = first;
+        while s < end {
+            let chunk = s / SECTORS_PER_CHUNK;
+            if !self.bitmaps.contains_key(&chunk) {
+                let b = blockdev::try_alloc(SECTOR_BITMAP_BLOCK, &self.limits, "sector_bitmap")?;
+                self.bitmaps.insert(chunk, b);
+            }
+            let chunk_end = ((chunk + 1) * SECTORS_PER_CHUNK).min(end);
+            if let Some(bm) = self.bitmaps.get_mut(&chunk) {
+                while s < chunk_end {
+                    let idx = s % SECTORS_PER_CHUNK;
+                    if idx.is_multiple_of(8) && s + 8 <= chunk_end {
+                        if let Some(b) = bm.get_mut((idx / 8) as usize) {
+                            *b = 0xFF;
+                        }
+                        s += 8;
+                    } else {
+                        if let Some(b) = bm.get_mut((idx / 8) as usize) {
+                            *b |= 1 << (idx % 8);
+                        }
+                        s += 1;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn put(&mut self, offset: u64, len: u64, data: Option<&[u8]>) -> Result<()> {
+        blockdev::check_range(self.layout.size, offset, len)?;
+        let bs = self.layout.geom.block_size;
+        let mut done = 0u64;
+        while done < len {
+            let pos = offset + done;
+            let blk = pos / bs;
+            let inb = pos % bs;
+            let n = (bs - inb).min(len - done);
+            let whole = inb == 0 && (n == bs || pos + n == self.layout.size);
+            match data {
+                None if whole => {
+                    let i = self.layout.geom.payload(blk);
+                    let e = self.bat.get(i).copied().unwrap_or(0);
+                    if self.layout.geom.has_parent && bat::state(e) == PAYLOAD_NOT_PRESENT {
+                        if let Some(x) = self.bat.get_mut(i) {
+                            *x = bat::entry(PAYLOAD_ZERO, 0);
+                        }
+                    }
+                }
+                None if !self.layout.geom.has_parent => {}
+                None => {
+                    // Explicit zeros over the parent: allocate, leave the hole, set bits.
+                    self.host_of(blk)?;
+                    self.mark(pos, n)?;
+                }
+                Some(d) => {
+                    let host = self.host_of(blk)?;
+                    let part = d
+                        .get(done as usize..(done + n) as usize)
+                        .unwrap_or_default();
+                    self.storage.write_at(part, host + inb)?;
+                    self.mark(pos, n)?;
+                }
+            }
+            done += n;
+        }
+        Ok(())
+    }
+}
+
+impl ImageWriter for VhdxWriter {
+    fn granularity(&self) -> u64 {
+        self.layout.geom.block_size.min(MIB)
+    }
+
+    fn write_data(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        self.put(offset, data.len() as u64, Some(data))
+    }
+
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<()> {
+        self.put(offset, len, None)
+    }
+
+    fn finish(mut self: Box<Self>) -> Result<()> {
+        let g = self.layout.geom;
+        if self.fixed {
+            for blk in 0..g.blocks {
+                self.host_of(blk)?;
+            }
+            self.next_free = self.layout.data_offset + g.blocks * g.block_size;
+        }
+        if g.has_parent {
+            let ls = u64::from(self.opts.logical);
+            let spb = g.block_size / ls;
+            for blk in 0..g.blocks {
+                let i = g.payload(blk);
+                let e = self.bat.get(i).copied().unwrap_or(0);
+                if bat::state(e) != PAYLOAD_PARTIALLY_PRESENT {
+                    continue;
+                }
+                let first = blk * spb;
+                let chunk = first / SECTORS_PER_CHUNK;
+                let lo = ((first % SECTORS_PER_CHUNK) / 8) as usize;
+                let nbytes = (spb / 8) as usize;
+                let last_sector = (g.size.div_ceil(ls)).min(first + spb);
+                let full = self.bitmaps.get(&chunk).is_some_and(|bm| {
+                    let want = last_sector - first;
+                    let bytes = bm.get(lo..lo + nbytes).unwrap_or_default();
+                    (0..want).all(|k| {
+                        bytes
+                            .get((k / 8) as usize)
+                            .is_some_and(|b| b & (1 << (k % 8)) != 0)
+                    })
+                });
+                if full {
+                    if let Some(x) = self.bat.get_mut(i) {
+                        *x = bat::entry(PAYLOAD_FULLY_PRESENT, bat::offset(e));
+                    }
+                }
+            }
+            let chunks: Vec<u64> = self.bitmaps.keys().copied().collect();
+            for chunk in chunks {
+                let needed = (chunk * g.chunk_ratio..((chunk + 1) * g.chunk_ratio).min(g.blocks))
+                    .any(|b| {
+                        self.bat
+                            .get(g.payload(b))
+                            .is_some_and(|e| bat::state(*e) == PAYLOAD_PARTIALLY_PRESENT)
+                    });
+                if !needed {
+                    continue;
+                }
+                let off = self.next_free;
+                self.next_free += SECTOR_BITMAP_BLOCK;
+                if let Some(bm) = self.bitmaps.get(&chunk) {
+                    self.storage.write_at(bm, off)?;
+                }
+                if let Some(x) = self
+                    .bat
+                    .get_mut(bitmap_index(chunk, g.chunk_ratio) as usize)
+                {
+                    *x = bat::entry(SB_PRESENT, off);
+                }
+            }
+        }
+        finish_image(
+            &*self.storage,
+            &self.opts,
+            &self.layout,
+            &self.bat,
+            self.next_free,
+        )
+    }
+}
