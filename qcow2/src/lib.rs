@@ -28,6 +28,7 @@ mod table;
 mod write;
 mod writer;
 
+pub use check::repair_leaks;
 pub use header::Header;
 pub use image::{OpenOptions, Qcow2Image};
 pub use snapshot::Snapshot;
