@@ -1,2 +1,41 @@
-//! vhd images (work in progress).
+//! # vhd: Virtual PC / Hyper-V / Xen / Azure VHD images
+//!
+//! Reads, writes in place, creates and checks fixed, dynamic and differencing VHDs, including
+//! the Xen blktap dialect (creator `tap`, batmap) and Azure's fixed images.
+//!
+//! ```text
+//!  fixed:         [ guest data ........................ ][ footer 512 ]
+//!
+//!  dynamic and    [ footer copy 512 ][ dynamic header 1024 ][ BAT (u32 BE sectors) ]
+//!  differencing:  [ Xen batmap hdr + map ]? [ parent locator data ]*
+//!                 [ block: sector bitmap | block_size data ]* [ footer 512 ]
+//! ```
+//!
+//! * Size rule ([`SizeRule`]): the CHS size for creators `vpc ` and `qemu` with a
+//!   non-maximal geometry, `current_size` for every other creator (qemu 10's rule);
+//!   the `size_rule=chs|current` open option overrides it.
+//! * Reads: an unallocated block reads from the parent (differencing) or as zeros; in a
+//!   differencing disk the sector bitmap (MSB-first; LSB-first for Xen `tap` version 0.1)
+//!   picks this file or the parent per sector. Dynamic disks ignore the bitmap (as qemu).
+//! * Parents are opened only through the caller's [`blockdev::OpenGate`], with the W2ru
+//!   locator (relative), MacX URL, W2ku (file name only) and the header's parent name as
+//!   candidates; the parent's footer UUID must equal the header's parent UUID.
+//! * In-place writes append blocks: the new footer is written past the new block first, then
+//!   the block, a flush, then the BAT entry (hostile-inputs §3.3); the footer copy at 0 never
+//!   changes because the footer does not record the file length.
+//! * New images carry creator `vdcv` (or `tap\0` 1.3 for `dialect=xen`), the exact
+//!   `current_size` and a CHS computed by the spec's algorithm.
 #![forbid(unsafe_code)]
+
+mod bat;
+mod check;
+mod create;
+pub mod format;
+mod header;
+mod image;
+mod writer;
+
+pub use create::{create, CreateOptions, Dialect, ParentLink, Subformat};
+pub use header::{macx_path, Locator, SizeRule};
+pub use image::{vhd_time_text, OpenParams, VhdImage};
+pub use writer::VhdWriter;

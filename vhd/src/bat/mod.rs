@@ -1,0 +1,3 @@
+//! The block allocation table.
+
+pub(crate) mod table;
