@@ -1,0 +1,116 @@
+//! `check` finds leaks, corruptions, COPIED mismatches, overlaps and references past EOF;
+//! `repair_leaks` fixes leaks so that qemu-img check is clean.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+mod common;
+
+use std::path::Path;
+
+use blockdev::{BlockDevice, FileStorage, ImageWriter, Severity};
+use qcow2::{CreateOptions, Header, Qcow2Writer};
+
+fn be64(b: &[u8], o: usize) -> u64 {
+    u64::from_be_bytes(b[o..o + 8].try_into().unwrap())
+}
+
+struct Layout {
+    bytes: Vec<u8>,
+    l2: usize,
+    data: usize,
+    l1: usize,
+    block: usize,
+}
+
+fn make(path: &Path) -> Layout {
+    let _ = std::fs::remove_file(path);
+    let st = FileStorage::create_new(path).unwrap();
+    let mut w = Box::new(Qcow2Writer::new(Box::new(st), CreateOptions { size: 4 << 20, ..CreateOptions::default() }).unwrap());
+    w.write_data(0, &vec![0x5au8; 1 << 20]).unwrap();
+    w.finish().unwrap();
+    let bytes = std::fs::read(path).unwrap();
+    let h = Header::read(&blockdev::MemStorage::from_vec(bytes.clone())).unwrap();
+    let l1 = h.l1_table_offset as usize;
+    let l2 = (be64(&bytes, l1) & 0x00ff_ffff_ffff_fe00) as usize;
+    let data = (be64(&bytes, l2) & 0x00ff_ffff_ffff_fe00) as usize;
+    let block = be64(&bytes, h.refcount_table_offset as usize) as usize;
+    Layout { bytes, l2, data, l1, block }
+}
+
+fn check_of(path: &Path, bytes: &[u8]) -> blockdev::CheckReport {
+    std::fs::write(path, bytes).unwrap();
+    common::open(path).check().unwrap()
+}
+
+#[test]
+fn finds_leak_and_repairs_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("a.qcow2");
+    let mut l = make(&p);
+    let c = l.data / 65536;
+    l.bytes[l.block + c * 2..l.block + c * 2 + 2].copy_from_slice(&2u16.to_be_bytes());
+    let rep = check_of(&p, &l.bytes);
+    assert_eq!(rep.leaks(), 1, "{:?}", rep.findings);
+    assert_eq!(rep.corruptions(), 1, "COPIED set with refcount 2: {:?}", rep.findings);
+    // A pure leak: a cluster past the used area with refcount 1.
+    let mut l = make(&p);
+    let free = l.bytes.len().div_ceil(65536) + 1;
+    l.bytes.resize((free + 1) * 65536, 0);
+    l.bytes[l.block + free * 2..l.block + free * 2 + 2].copy_from_slice(&1u16.to_be_bytes());
+    let rep = check_of(&p, &l.bytes);
+    assert_eq!(rep.corruptions(), 0, "{:?}", rep.findings);
+    assert!(rep.leaks() >= 1);
+    let (rc, _, _) = common::qemu_img(&["check", "-f", "qcow2", p.to_str().unwrap()]);
+    assert_eq!(rc, 3, "qemu-img sees the leak too");
+    let fixed = qcow2::repair_leaks(Box::new(FileStorage::open(&p, true).unwrap())).unwrap();
+    assert!(fixed >= 1);
+    common::qemu_check_clean(&p);
+    assert!(common::open(&p).check().unwrap().findings.is_empty());
+}
+
+#[test]
+fn finds_corruptions() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("c.qcow2");
+    // Refcount 0 for a used cluster.
+    let mut l = make(&p);
+    let c = l.data / 65536;
+    l.bytes[l.block + c * 2..l.block + c * 2 + 2].copy_from_slice(&0u16.to_be_bytes());
+    let rep = check_of(&p, &l.bytes);
+    assert!(rep.findings.iter().any(|f| f.severity == Severity::Corruption && f.message.contains("refcount=0 reference=1")));
+    // COPIED flag cleared.
+    let mut l = make(&p);
+    l.bytes[l.l2] &= 0x7f;
+    let rep = check_of(&p, &l.bytes);
+    assert!(rep.findings.iter().any(|f| f.message.contains("OFLAG_COPIED")), "{:?}", rep.findings);
+    // Past EOF and overlap with the L1 table, reported together.
+    let mut l = make(&p);
+    l.bytes[l.l2 + 8..l.l2 + 16].copy_from_slice(&((1u64 << 63) | (1 << 40)).to_be_bytes());
+    l.bytes[l.l2 + 16..l.l2 + 24].copy_from_slice(&((1u64 << 63) | l.l1 as u64).to_be_bytes());
+    let rep = check_of(&p, &l.bytes);
+    assert!(rep.findings.iter().any(|f| f.message.contains("past the end")), "{:?}", rep.findings);
+    assert!(rep.findings.iter().any(|f| f.message.contains("overlapping")), "{:?}", rep.findings);
+    // Writing into the hostile image is refused, never into the L1 table.
+    let img = common::open_rw(&p);
+    let e = img.write_at(&[1u8; 512], 2 * 65536).unwrap_err();
+    assert_eq!(e.kind(), blockdev::ErrorKind::Corrupt);
+}
+
+#[test]
+fn info_lists_facts() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("i.qcow2");
+    let (rc, _, err) = common::qemu_img(&[
+        "create", "-f", "qcow2", "-o", "lazy_refcounts=on,compression_type=zstd,refcount_bits=8", p.to_str().unwrap(), "1G",
+    ]);
+    assert_eq!(rc, 0, "{err}");
+    let info = common::open(&p).info();
+    let f = &info.format_specific;
+    assert_eq!(f["version"], 3);
+    assert_eq!(f["refcount_bits"], 8);
+    assert_eq!(f["compression_type"], "zstd");
+    assert_eq!(f["lazy_refcounts"], true);
+    assert_eq!(f["dirty"], false);
+    assert!(f["incompatible_features"].as_array().unwrap().iter().any(|v| v == "compression type"));
+    assert_eq!(info.cluster_size, Some(65536));
+    assert_eq!(info.virtual_size, 1 << 30);
+}
