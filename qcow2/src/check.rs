@@ -7,8 +7,7 @@
 use std::collections::HashMap;
 
 use blockdev::{
-    BackingRequest, BlockDevice, CheckReport, Error, ErrorKind, OpenGate, Result, Severity,
-    Storage,
+    BackingRequest, BlockDevice, CheckReport, Error, ErrorKind, OpenGate, Result, Severity, Storage,
 };
 
 use crate::format::*;
@@ -75,7 +74,13 @@ impl Ctx<'_> {
         let img = self.img;
         let geo = img.geo;
         self.meta(l1_off, u64::from(l1_size) * 8, "l1_table");
-        let raw = match read_table(img.storage.as_ref(), l1_off, u64::from(l1_size) * 8, &img.limits, "l1_table") {
+        let raw = match read_table(
+            img.storage.as_ref(),
+            l1_off,
+            u64::from(l1_size) * 8,
+            &img.limits,
+            "l1_table",
+        ) {
             Ok(r) => r,
             Err(e) => return self.corrupt(&format!("{name}l1_table"), l1_off, e.to_string()),
         };
@@ -94,19 +99,28 @@ impl Ctx<'_> {
             };
             self.meta(l2, self.cs, "l2_table");
             if active {
-                self.copied.push((field.clone(), at, l2 / self.cs, e & OFLAG_COPIED != 0));
+                self.copied
+                    .push((field.clone(), at, l2 / self.cs, e & OFLAG_COPIED != 0));
             }
             let t = match read_table(img.storage.as_ref(), l2, self.cs, &img.limits, "l2_table") {
                 Ok(r) => decode_u64s(&r),
                 Err(err) => {
-                    self.corrupt(&field, at, format!("L2 table unreadable: {}", err.message()));
+                    self.corrupt(
+                        &field,
+                        at,
+                        format!("L2 table unreadable: {}", err.message()),
+                    );
                     continue;
                 }
             };
             let n = t.len() / words;
             for j in 0..n {
                 let e2 = t.get(j * words).copied().unwrap_or(0);
-                let bm = if geo.extended { t.get(j * words + 1).copied().unwrap_or(0) } else { 0 };
+                let bm = if geo.extended {
+                    t.get(j * words + 1).copied().unwrap_or(0)
+                } else {
+                    0
+                };
                 let eat = l2 + (j * words * 8) as u64;
                 let f2 = format!("{name}l2_entry[{i}][{j}]");
                 match geo.decode_l2(e2, bm, &f2, eat) {
@@ -126,7 +140,8 @@ impl Ctx<'_> {
                             self.allocated += 1;
                             self.inc(host, self.cs, &f2);
                             if active {
-                                self.copied.push((f2, eat, host / self.cs, e2 & OFLAG_COPIED != 0));
+                                self.copied
+                                    .push((f2, eat, host / self.cs, e2 & OFLAG_COPIED != 0));
                             }
                         }
                     }
@@ -134,7 +149,8 @@ impl Ctx<'_> {
                         if !geo.data_file {
                             self.inc(host, self.cs, &f2);
                             if active {
-                                self.copied.push((f2, eat, host / self.cs, e2 & OFLAG_COPIED != 0));
+                                self.copied
+                                    .push((f2, eat, host / self.cs, e2 & OFLAG_COPIED != 0));
                             }
                         }
                     }
@@ -165,7 +181,11 @@ pub(crate) fn rebuild(img: &Qcow2Image) -> Result<Rebuilt> {
     let file_len = img.storage.len()?;
     let nclusters = file_len.div_ceil(cs);
     if nclusters * 4 > img.limits.max_alloc {
-        return Err(Error::limit("file", 0, "image too large to check within the memory limit"));
+        return Err(Error::limit(
+            "file",
+            0,
+            "image too large to check within the memory limit",
+        ));
     }
     let mut cx = Ctx {
         img,
@@ -181,15 +201,31 @@ pub(crate) fn rebuild(img: &Qcow2Image) -> Result<Rebuilt> {
         allocated: 0,
     };
     if h.incompatible & INCOMPAT_DIRTY != 0 {
-        cx.report.add(Severity::Warning, "incompatible_features", Some(72), "dirty bit set: stored refcounts may be stale");
+        cx.report.add(
+            Severity::Warning,
+            "incompatible_features",
+            Some(72),
+            "dirty bit set: stored refcounts may be stale",
+        );
     }
     if h.incompatible & INCOMPAT_CORRUPT != 0 {
-        cx.report.add(Severity::Warning, "incompatible_features", Some(72), "corrupt bit set");
+        cx.report.add(
+            Severity::Warning,
+            "incompatible_features",
+            Some(72),
+            "corrupt bit set",
+        );
     }
     cx.meta(0, cs, "header");
     let rt_bytes = u64::from(h.refcount_table_clusters) * cs;
     cx.meta(h.refcount_table_offset, rt_bytes, "refcount_table");
-    let rt = decode_u64s(&read_table(img.storage.as_ref(), h.refcount_table_offset, rt_bytes, &img.limits, "refcount_table")?);
+    let rt = decode_u64s(&read_table(
+        img.storage.as_ref(),
+        h.refcount_table_offset,
+        rt_bytes,
+        &img.limits,
+        "refcount_table",
+    )?);
     let epb = h.refcount_block_entries();
     let mut stored = vec![0u64; usize::try_from(nclusters).unwrap_or(0)];
     for (i, &e) in rt.iter().enumerate() {
@@ -202,8 +238,12 @@ pub(crate) fn rebuild(img: &Qcow2Image) -> Result<Rebuilt> {
         if off == 0 {
             continue;
         }
-        if off % cs != 0 {
-            cx.corrupt(&field, at, format!("refcount block offset {off:#x} not cluster aligned"));
+        if !off.is_multiple_of(cs) {
+            cx.corrupt(
+                &field,
+                at,
+                format!("refcount block offset {off:#x} not cluster aligned"),
+            );
             continue;
         }
         cx.meta(off, cs, "refcount_block");
@@ -242,7 +282,12 @@ pub(crate) fn rebuild(img: &Qcow2Image) -> Result<Rebuilt> {
                     cx.corrupt("snapshot", s.entry_offset, e.message().to_string());
                     continue;
                 }
-                cx.walk_l1(s.l1_table_offset, s.l1_size, false, &format!("snapshot[{}].", s.name));
+                cx.walk_l1(
+                    s.l1_table_offset,
+                    s.l1_size,
+                    false,
+                    &format!("snapshot[{}].", s.name),
+                );
             }
         }
         Err(m) => {
@@ -275,30 +320,62 @@ pub(crate) fn rebuild(img: &Qcow2Image) -> Result<Rebuilt> {
             );
         } else {
             leaks += 1;
-            cx.report.add(Severity::Leak, "refcount", Some(off), format!("leaked cluster {c} refcount={s} reference={r}"));
+            cx.report.add(
+                Severity::Leak,
+                "refcount",
+                Some(off),
+                format!("leaked cluster {c} refcount={s} reference={r}"),
+            );
         }
     }
     // Overlapping metadata.
     let meta: Vec<(u64, &'static str)> = cx.meta.iter().map(|(&c, &k)| (c, k)).collect();
     for (c, kind) in meta {
-        let r = usize::try_from(c).ok().and_then(|i| cx.refs.get(i)).copied().unwrap_or(0);
+        let r = usize::try_from(c)
+            .ok()
+            .and_then(|i| cx.refs.get(i))
+            .copied()
+            .unwrap_or(0);
         if r > 1 {
             cx.corrupt(kind, c * cs, format!("cluster {c} holds the {kind} and is referenced {r} times (overlapping metadata)"));
         }
     }
     // COPIED flags of the active tables.
     for (field, at, c, copied) in std::mem::take(&mut cx.copied) {
-        let s = usize::try_from(c).ok().and_then(|i| stored.get(i)).copied().unwrap_or(0);
+        let s = usize::try_from(c)
+            .ok()
+            .and_then(|i| stored.get(i))
+            .copied()
+            .unwrap_or(0);
         if s != 0 && (s == 1) != copied {
-            cx.corrupt(&field, at, format!("OFLAG_COPIED mismatch: refcount={s} but COPIED is {}", if copied { "set" } else { "clear" }));
+            cx.corrupt(
+                &field,
+                at,
+                format!(
+                    "OFLAG_COPIED mismatch: refcount={s} but COPIED is {}",
+                    if copied { "set" } else { "clear" }
+                ),
+            );
         }
     }
-    cx.report.stats.insert("image_end_offset".into(), cx.end.into());
-    cx.report.stats.insert("allocated_clusters".into(), cx.allocated.into());
-    cx.report.stats.insert("compressed_clusters".into(), cx.compressed.into());
-    cx.report.stats.insert("total_clusters".into(), h.size.div_ceil(cs).into());
-    cx.report.stats.insert("leaked_clusters".into(), leaks.into());
-    cx.report.stats.insert("refcount_errors".into(), errors.into());
+    cx.report
+        .stats
+        .insert("image_end_offset".into(), cx.end.into());
+    cx.report
+        .stats
+        .insert("allocated_clusters".into(), cx.allocated.into());
+    cx.report
+        .stats
+        .insert("compressed_clusters".into(), cx.compressed.into());
+    cx.report
+        .stats
+        .insert("total_clusters".into(), h.size.div_ceil(cs).into());
+    cx.report
+        .stats
+        .insert("leaked_clusters".into(), leaks.into());
+    cx.report
+        .stats
+        .insert("refcount_errors".into(), errors.into());
     Ok(Rebuilt {
         report: cx.report,
         refs: cx.refs,
@@ -309,24 +386,46 @@ pub(crate) fn rebuild(img: &Qcow2Image) -> Result<Rebuilt> {
 fn walk_bitmaps(cx: &mut Ctx<'_>, dir_off: u64, dir_size: u64, nb: u32) {
     let img = cx.img;
     cx.meta(dir_off, dir_size, "bitmap_directory");
-    let Ok(dir) = read_table(img.storage.as_ref(), dir_off, dir_size, &img.limits, "bitmap_directory") else {
+    let Ok(dir) = read_table(
+        img.storage.as_ref(),
+        dir_off,
+        dir_size,
+        &img.limits,
+        "bitmap_directory",
+    ) else {
         return cx.corrupt("bitmap_directory", dir_off, "bitmap directory unreadable");
     };
     let mut off = 0usize;
     for i in 0..nb {
         let Some(e) = dir.get(off..off + 24) else {
-            return cx.corrupt("bitmap_directory", dir_off + off as u64, "bitmap directory entry runs past the directory");
+            return cx.corrupt(
+                "bitmap_directory",
+                dir_off + off as u64,
+                "bitmap directory entry runs past the directory",
+            );
         };
         let table_off = be64(e, 0);
         let table_size = u64::from(be32(e, 8));
         let name_size = usize::from(be16(e, 18));
-        let extra = usize::try_from(be32(e, 20)).unwrap_or(usize::MAX).min(1 << 20);
+        let extra = usize::try_from(be32(e, 20))
+            .unwrap_or(usize::MAX)
+            .min(1 << 20);
         let field = format!("bitmap[{i}]");
-        if table_off % cx.cs != 0 || table_size * 8 > (64 << 20) {
-            cx.corrupt(&field, dir_off + off as u64, "bitmap table offset/size invalid");
+        if !table_off.is_multiple_of(cx.cs) || table_size * 8 > (64 << 20) {
+            cx.corrupt(
+                &field,
+                dir_off + off as u64,
+                "bitmap table offset/size invalid",
+            );
         } else {
             cx.meta(table_off, table_size * 8, "bitmap_table");
-            if let Ok(t) = read_table(img.storage.as_ref(), table_off, table_size * 8, &img.limits, "bitmap_table") {
+            if let Ok(t) = read_table(
+                img.storage.as_ref(),
+                table_off,
+                table_size * 8,
+                &img.limits,
+                "bitmap_table",
+            ) {
                 for (k, &be) in decode_u64s(&t).iter().enumerate() {
                     let o = be & OFFSET_MASK;
                     if o != 0 {
@@ -347,10 +446,15 @@ struct RepairGate;
 
 impl OpenGate for RepairGate {
     fn open_backing(&self, _req: &BackingRequest<'_>) -> Result<Box<dyn BlockDevice>> {
-        Err(Error::new(ErrorKind::BackingDenied, "repair does not open backing files"))
+        Err(Error::new(
+            ErrorKind::BackingDenied,
+            "repair does not open backing files",
+        ))
     }
     fn open_data_file(&self, _req: &BackingRequest<'_>, _w: bool) -> Result<Box<dyn Storage>> {
-        Err(Error::unsupported("leak repair of images with an external data file is not supported"))
+        Err(Error::unsupported(
+            "leak repair of images with an external data file is not supported",
+        ))
     }
     fn skip_backing(&self) -> bool {
         true
@@ -362,20 +466,31 @@ impl OpenGate for RepairGate {
 /// alone (and make this fail before anything is written).
 pub fn repair_leaks(storage: Box<dyn Storage>) -> Result<u64> {
     if !storage.is_writable() {
-        return Err(Error::read_only("leak repair needs the image opened for writing"));
+        return Err(Error::read_only(
+            "leak repair needs the image opened for writing",
+        ));
     }
     let img = Qcow2Image::open(storage, &RepairGate, &OpenOptions::default())?;
     let rb = rebuild(&img)?;
     if rb.report.corruptions() > 0 {
         return Err(Error::new(
             ErrorKind::Corrupt,
-            format!("image has {} corruption(s): leak repair refused", rb.report.corruptions()),
+            format!(
+                "image has {} corruption(s): leak repair refused",
+                rb.report.corruptions()
+            ),
         ));
     }
     let h = img.header();
     let cs = h.cluster_size();
     let epb = h.refcount_block_entries();
-    let rt = decode_u64s(&read_table(img.storage.as_ref(), h.refcount_table_offset, u64::from(h.refcount_table_clusters) * cs, &img.limits, "refcount_table")?);
+    let rt = decode_u64s(&read_table(
+        img.storage.as_ref(),
+        h.refcount_table_offset,
+        u64::from(h.refcount_table_clusters) * cs,
+        &img.limits,
+        "refcount_table",
+    )?);
     let mut fixed = 0u64;
     let mut blocks: HashMap<u64, Vec<u8>> = HashMap::new();
     for (c, (&r, &s)) in rb.refs.iter().zip(rb.stored.iter()).enumerate() {
@@ -383,15 +498,30 @@ pub fn repair_leaks(storage: Box<dyn Storage>) -> Result<u64> {
             continue;
         }
         let c = c as u64;
-        let b = rt.get(usize::try_from(c / epb).unwrap_or(usize::MAX)).copied().unwrap_or(0) & REFTABLE_OFFSET_MASK;
+        let b = rt
+            .get(usize::try_from(c / epb).unwrap_or(usize::MAX))
+            .copied()
+            .unwrap_or(0)
+            & REFTABLE_OFFSET_MASK;
         if b == 0 {
             continue;
         }
-        if !blocks.contains_key(&b) {
-            blocks.insert(b, read_table(img.storage.as_ref(), b, cs, &img.limits, "refcount_block")?);
+        if let std::collections::hash_map::Entry::Vacant(e) = blocks.entry(b) {
+            e.insert(read_table(
+                img.storage.as_ref(),
+                b,
+                cs,
+                &img.limits,
+                "refcount_block",
+            )?);
         }
         if let Some(block) = blocks.get_mut(&b) {
-            refcount_set(block, h.refcount_order, usize::try_from(c % epb).unwrap_or(0), u64::from(r));
+            refcount_set(
+                block,
+                h.refcount_order,
+                usize::try_from(c % epb).unwrap_or(0),
+                u64::from(r),
+            );
             fixed += 1;
         }
     }

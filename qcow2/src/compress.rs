@@ -59,8 +59,8 @@ fn decompress_deflate(input: &[u8], out: &mut [u8], offset: u64) -> Result<()> {
 
 fn decompress_zstd(input: &[u8], out: &mut [u8], offset: u64) -> Result<()> {
     use zstd::stream::raw::{Decoder, InBuffer, Operation, OutBuffer};
-    let mut dec = Decoder::new()
-        .map_err(|e| Error::new(ErrorKind::Io, "zstd decoder").with_source(e))?;
+    let mut dec =
+        Decoder::new().map_err(|e| Error::new(ErrorKind::Io, "zstd decoder").with_source(e))?;
     // Never let a frame header make us allocate a huge window.
     dec.set_parameter(zstd::stream::raw::DParameter::WindowLogMax(23))
         .map_err(|e| Error::new(ErrorKind::Io, "zstd decoder").with_source(e))?;
@@ -79,7 +79,10 @@ fn decompress_zstd(input: &[u8], out: &mut [u8], offset: u64) -> Result<()> {
     if n != out.len() {
         return Err(bad(
             offset,
-            format!("zstd stream decodes to {n} bytes, not the cluster size {}", out.len()),
+            format!(
+                "zstd stream decodes to {n} bytes, not the cluster size {}",
+                out.len()
+            ),
         ));
     }
     Ok(())
@@ -102,7 +105,14 @@ impl Compressor {
             (None, Some(z))
         } else {
             // Raw deflate with a 4 KiB window: qemu inflates with window bits -12.
-            (Some(Compress::new_with_window_bits(Compression::default(), false, 12)), None)
+            (
+                Some(Compress::new_with_window_bits(
+                    Compression::default(),
+                    false,
+                    12,
+                )),
+                None,
+            )
         };
         Ok(Compressor {
             kind,
@@ -120,7 +130,8 @@ impl Compressor {
                 return Ok(None);
             };
             self.buf.clear();
-            self.buf.resize(zstd::zstd_safe::compress_bound(data.len()), 0);
+            self.buf
+                .resize(zstd::zstd_safe::compress_bound(data.len()), 0);
             let n = z
                 .compress_to_buffer(data, &mut self.buf)
                 .map_err(|e| Error::new(ErrorKind::Io, "zstd compression failed").with_source(e))?;

@@ -138,7 +138,7 @@ pub fn decode_u64s(b: &[u8]) -> Vec<u64> {
 
 /// Encodes a table of u64 entries big-endian.
 pub fn encode_u64s(v: &[u64]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(v.len() * 8);
+    let mut out = Vec::new();
     for x in v {
         out.extend_from_slice(&x.to_be_bytes());
     }

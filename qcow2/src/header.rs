@@ -139,7 +139,9 @@ impl Header {
                 return Err(Error::invalid_format(
                     "magic",
                     0,
-                    format!("file of {file_len} bytes is too short for a qcow2 header (truncated?)"),
+                    format!(
+                        "file of {file_len} bytes is too short for a qcow2 header (truncated?)"
+                    ),
                 ));
             }
             return Err(Error::invalid_format(
@@ -160,7 +162,9 @@ impl Header {
             return Err(Error::corrupt(
                 "header",
                 0,
-                format!("file of {file_len} bytes is shorter than the 72-byte qcow2 header (truncated)"),
+                format!(
+                    "file of {file_len} bytes is shorter than the 72-byte qcow2 header (truncated)"
+                ),
             ));
         }
         let cluster_bits = be32(&first, 20);
@@ -213,7 +217,7 @@ impl Header {
             h.refcount_order = be32(&first, 96);
             h.header_length = be32(&first, 100);
             if h.header_length < V3_MIN_HEADER_LEN
-                || h.header_length % 8 != 0
+                || !h.header_length.is_multiple_of(8)
                 || u64::from(h.header_length) > cs
             {
                 return Err(Error::corrupt(
@@ -259,7 +263,10 @@ impl Header {
                 return Err(Error::corrupt(
                     "backing_file_offset",
                     8,
-                    format!("invalid backing file offset {:#x}", self.backing_file_offset),
+                    format!(
+                        "invalid backing file offset {:#x}",
+                        self.backing_file_offset
+                    ),
                 ));
             }
             if self.backing_file_size > MAX_BACKING_NAME
@@ -268,7 +275,10 @@ impl Header {
                 return Err(Error::corrupt(
                     "backing_file_size",
                     16,
-                    format!("backing file name too long ({} bytes)", self.backing_file_size),
+                    format!(
+                        "backing file name too long ({} bytes)",
+                        self.backing_file_size
+                    ),
                 ));
             }
         }
@@ -365,7 +375,14 @@ impl Header {
             ));
         }
         if self.l1_size > 0 || self.l1_table_offset != 0 {
-            check_table("l1_table_offset", 40, self.l1_table_offset, l1_bytes, cs, file_len)?;
+            check_table(
+                "l1_table_offset",
+                40,
+                self.l1_table_offset,
+                l1_bytes,
+                cs,
+                file_len,
+            )?;
         }
         // Snapshot table (entries are checked when the table is read).
         if self.nb_snapshots > MAX_SNAPSHOTS {
@@ -504,7 +521,7 @@ impl Header {
                     Some("reserved field is not zero")
                 } else if ext.directory_size > 1024 * 65535 {
                     Some("bitmap directory too large")
-                } else if ext.directory_offset % self.cluster_size() != 0 {
+                } else if !ext.directory_offset.is_multiple_of(self.cluster_size()) {
                     Some("bitmap directory offset not cluster aligned")
                 } else {
                     None
@@ -546,7 +563,16 @@ impl Header {
         }
         if with_feature_table {
             let mut t = Vec::new();
-            for (kind, bit) in [(0u8, 0u8), (0, 1), (0, 2), (0, 3), (0, 4), (1, 0), (2, 0), (2, 1)] {
+            for (kind, bit) in [
+                (0u8, 0u8),
+                (0, 1),
+                (0, 2),
+                (0, 3),
+                (0, 4),
+                (1, 0),
+                (2, 0),
+                (2, 1),
+            ] {
                 let mut e = [0u8; 48];
                 e[0] = kind;
                 e[1] = bit;
@@ -573,7 +599,9 @@ impl Header {
         b.extend_from_slice(&[0u8; 8]);
         if let Some(name) = &self.backing_file {
             if name.len() > MAX_BACKING_NAME as usize {
-                return Err(Error::invalid_argument("backing file name longer than 1023 bytes"));
+                return Err(Error::invalid_argument(
+                    "backing file name longer than 1023 bytes",
+                ));
             }
             self.backing_file_offset = b.len() as u64;
             self.backing_file_size = name.len() as u32;
@@ -634,7 +662,7 @@ impl Header {
 }
 
 fn check_table(field: &str, at: u64, offset: u64, len: u64, cs: u64, file_len: u64) -> Result<()> {
-    if offset % cs != 0 || offset == 0 {
+    if !offset.is_multiple_of(cs) || offset == 0 {
         return Err(Error::corrupt(
             field,
             at,

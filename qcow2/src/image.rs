@@ -50,7 +50,9 @@ pub struct Qcow2Image {
 
 impl std::fmt::Debug for Qcow2Image {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Qcow2Image").field("path", &self.path).finish_non_exhaustive()
+        f.debug_struct("Qcow2Image")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
     }
 }
 
@@ -65,27 +67,38 @@ pub(crate) fn read_table(
     let mut b = blockdev::try_alloc(len, limits, field)?;
     let got = storage.read_at_most(&mut b, off)?;
     if got == 0 && len > 0 {
-        return Err(Error::corrupt(field, off, format!("{field} at {off:#x} lies past the end of the file")));
+        return Err(Error::corrupt(
+            field,
+            off,
+            format!("{field} at {off:#x} lies past the end of the file"),
+        ));
     }
     Ok(b)
 }
 
 impl Qcow2Image {
     /// Opens a qcow2 image; its backing file and data file are opened through `gate`.
-    pub fn open(storage: Box<dyn Storage>, gate: &dyn OpenGate, opts: &OpenOptions) -> Result<Self> {
+    pub fn open(
+        storage: Box<dyn Storage>,
+        gate: &dyn OpenGate,
+        opts: &OpenOptions,
+    ) -> Result<Self> {
         let path = storage.path().map(PathBuf::from);
         let header = Header::read(storage.as_ref())?;
         let file_len = storage.len()?;
         let cs = header.cluster_size();
-        let snapshots = read_snapshots(storage.as_ref(), &header, &opts.limits).map_err(|e| e.to_string());
+        let snapshots =
+            read_snapshots(storage.as_ref(), &header, &opts.limits).map_err(|e| e.to_string());
         let mut writable = opts.writable;
         if writable {
             if !storage.is_writable() {
                 return Err(Error::read_only("qcow2 storage is not writable"));
             }
             if header.incompatible & INCOMPAT_CORRUPT != 0 {
-                return Err(Error::read_only("image has the corrupt bit set: it may only be read")
-                    .with_field("incompatible_features"));
+                return Err(
+                    Error::read_only("image has the corrupt bit set: it may only be read")
+                        .with_field("incompatible_features"),
+                );
             }
             if header.incompatible & INCOMPAT_DIRTY != 0 {
                 return Err(Error::read_only(
@@ -94,7 +107,9 @@ impl Qcow2Image {
                 .with_field("incompatible_features"));
             }
             if opts.snapshot.is_some() {
-                return Err(Error::invalid_argument("an internal snapshot can only be opened read-only"));
+                return Err(Error::invalid_argument(
+                    "an internal snapshot can only be opened read-only",
+                ));
             }
         }
         // Active L1, or the requested snapshot's.
@@ -102,8 +117,11 @@ impl Qcow2Image {
             None => (header.l1_table_offset, header.l1_size, None),
             Some(name) => {
                 let list = snapshots.as_ref().map_err(|m| {
-                    Error::new(ErrorKind::Corrupt, format!("snapshot table unreadable: {m}"))
-                        .with_field("snapshots_offset")
+                    Error::new(
+                        ErrorKind::Corrupt,
+                        format!("snapshot table unreadable: {m}"),
+                    )
+                    .with_field("snapshots_offset")
                 })?;
                 let s = list
                     .iter()
@@ -120,7 +138,13 @@ impl Qcow2Image {
         let l1 = if l1_size == 0 {
             Vec::new()
         } else {
-            decode_u64s(&read_table(storage.as_ref(), l1_offset, l1_bytes, &opts.limits, "l1_table")?)
+            decode_u64s(&read_table(
+                storage.as_ref(),
+                l1_offset,
+                l1_bytes,
+                &opts.limits,
+                "l1_table",
+            )?)
         };
         let data_file_flag = header.incompatible & INCOMPAT_DATA_FILE != 0;
         let geo = Geometry {
@@ -138,9 +162,10 @@ impl Qcow2Image {
                 format: Some("raw".to_string()),
                 depth: opts.depth + 1,
             };
-            Some(gate.open_data_file(&req, writable).map_err(|e| {
-                e.context(format!("opening external data file '{name}'"))
-            })?)
+            Some(
+                gate.open_data_file(&req, writable)
+                    .map_err(|e| e.context(format!("opening external data file '{name}'")))?,
+            )
         } else {
             None
         };
@@ -208,7 +233,10 @@ impl Qcow2Image {
 
     /// A copy of the header.
     pub fn header(&self) -> Header {
-        self.header.read().map(|h| h.clone()).unwrap_or_else(|e| e.into_inner().clone())
+        self.header
+            .read()
+            .map(|h| h.clone())
+            .unwrap_or_else(|e| e.into_inner().clone())
     }
 
     /// The internal snapshots (an error message when the table is unreadable).
@@ -238,7 +266,10 @@ impl Qcow2Image {
 
     pub(crate) fn l1_entry(&self, idx: u64) -> Result<u64> {
         let l1 = self.l1.read().map_err(|_| poisoned())?;
-        Ok(usize::try_from(idx).ok().and_then(|i| l1.get(i).copied()).unwrap_or(0))
+        Ok(usize::try_from(idx)
+            .ok()
+            .and_then(|i| l1.get(i).copied())
+            .unwrap_or(0))
     }
 
     /// Loads (or finds cached) the L2 table at `off`.
@@ -251,10 +282,18 @@ impl Qcow2Image {
             return Err(Error::corrupt(
                 "l1_entry",
                 off,
-                format!("L2 table offset {off:#x} lies past the end of the file ({file_len} bytes)"),
+                format!(
+                    "L2 table offset {off:#x} lies past the end of the file ({file_len} bytes)"
+                ),
             ));
         }
-        let raw = read_table(self.storage.as_ref(), off, self.cs(), &self.limits, "l2_table")?;
+        let raw = read_table(
+            self.storage.as_ref(),
+            off,
+            self.cs(),
+            &self.limits,
+            "l2_table",
+        )?;
         let t = Arc::new(decode_u64s(&raw));
         self.l2_cache.insert(off, t.clone());
         Ok(t)
@@ -266,7 +305,9 @@ impl Qcow2Image {
         let l1_idx = gc / n;
         let l2_idx = gc % n;
         let e = self.l1_entry(l1_idx)?;
-        let l2_off = self.geo.decode_l1(e, "l1_entry", self.l1_offset + l1_idx * 8)?;
+        let l2_off = self
+            .geo
+            .decode_l1(e, "l1_entry", self.l1_offset + l1_idx * 8)?;
         if l2_off == 0 {
             return Ok(Mapping::Unallocated);
         }
@@ -274,7 +315,11 @@ impl Qcow2Image {
         let words = if self.geo.extended { 2 } else { 1 };
         let i = usize::try_from(l2_idx * words).unwrap_or(usize::MAX);
         let entry = t.get(i).copied().unwrap_or(0);
-        let bitmap = if self.geo.extended { t.get(i + 1).copied().unwrap_or(0) } else { 0 };
+        let bitmap = if self.geo.extended {
+            t.get(i + 1).copied().unwrap_or(0)
+        } else {
+            0
+        };
         let at = l2_off + l2_idx * 8 * words;
         self.geo.decode_l2(entry, bitmap, "l2_entry", at)
     }
@@ -299,7 +344,9 @@ impl Qcow2Image {
                 return Err(Error::corrupt(
                     "l2_entry",
                     host,
-                    format!("data cluster at {host:#x} lies past the end of the file ({len} bytes)"),
+                    format!(
+                        "data cluster at {host:#x} lies past the end of the file ({len} bytes)"
+                    ),
                 ));
             }
             if let Some(rest) = buf.get_mut(got..) {
@@ -328,7 +375,9 @@ impl Qcow2Image {
                 if end <= bsize {
                     b.read_at(buf, offset)
                 } else {
-                    let n = usize::try_from(bsize.saturating_sub(offset)).unwrap_or(0).min(buf.len());
+                    let n = usize::try_from(bsize.saturating_sub(offset))
+                        .unwrap_or(0)
+                        .min(buf.len());
                     let (head, tail) = buf.split_at_mut(n);
                     if !head.is_empty() {
                         b.read_at(head, offset)?;
@@ -349,7 +398,8 @@ impl Qcow2Image {
                 format!("compressed cluster at {offset:#x} lies past the end of the file"),
             ));
         }
-        let mut input = blockdev::try_alloc(len.min(2 * self.cs()), &self.limits, "compressed_cluster")?;
+        let mut input =
+            blockdev::try_alloc(len.min(2 * self.cs()), &self.limits, "compressed_cluster")?;
         let got = self.storage.read_at_most(&mut input, offset)?;
         input.truncate(got);
         let kind = self.header.read().map(|h| h.compression_type).unwrap_or(0);
@@ -387,7 +437,9 @@ impl Qcow2Image {
                     let i = (o / sc) as u32;
                     let run_end = ((u64::from(i) + 1) * sc).min(within + dst.len() as u64);
                     let n = usize::try_from(run_end - o).unwrap_or(0);
-                    let Some(part) = dst.get_mut(pos..pos + n) else { break };
+                    let Some(part) = dst.get_mut(pos..pos + n) else {
+                        break;
+                    };
                     if alloc & (1 << i) != 0 {
                         self.read_host(part, host + o)?;
                     } else if zero & (1 << i) != 0 {
@@ -410,9 +462,11 @@ impl Qcow2Image {
         match m {
             Mapping::Unallocated => (ExtentKind::Unallocated, None, rest),
             Mapping::Zero { .. } => (ExtentKind::Zero, None, rest),
-            Mapping::Normal { host, .. } => {
-                (ExtentKind::Data, if host_ok { Some(host + within) } else { None }, rest)
-            }
+            Mapping::Normal { host, .. } => (
+                ExtentKind::Data,
+                if host_ok { Some(host + within) } else { None },
+                rest,
+            ),
             Mapping::Compressed { .. } => (ExtentKind::Data, None, rest),
             Mapping::Sub { host, alloc, zero } => {
                 let sc = cs / 32;
@@ -434,7 +488,11 @@ impl Qcow2Image {
                 let len = u64::from(j) * sc - within;
                 let _ = gc;
                 match k {
-                    0 => (ExtentKind::Data, if host_ok { Some(host + within) } else { None }, len),
+                    0 => (
+                        ExtentKind::Data,
+                        if host_ok { Some(host + within) } else { None },
+                        len,
+                    ),
                     1 => (ExtentKind::Zero, None, len),
                     _ => (ExtentKind::Unallocated, None, len),
                 }
@@ -447,16 +505,30 @@ impl Qcow2Image {
         let mut info = ImageInfo::new("qcow2", h.size);
         info.cluster_size = Some(h.cluster_size());
         info.actual_size = self.storage.len().ok();
-        info.subformat = Some(if h.backing_file.is_some() { "overlay" } else { "dynamic" }.to_string());
+        info.subformat = Some(
+            if h.backing_file.is_some() {
+                "overlay"
+            } else {
+                "dynamic"
+            }
+            .to_string(),
+        );
         info.backing = self.backing_info.clone();
         info.set("version", h.version);
         info.set("compat", if h.version >= 3 { "1.1" } else { "0.10" });
         info.set("refcount_bits", h.refcount_bits());
         info.set(
             "compression_type",
-            if h.compression_type == COMPRESSION_ZSTD { "zstd" } else { "zlib" },
+            if h.compression_type == COMPRESSION_ZSTD {
+                "zstd"
+            } else {
+                "zlib"
+            },
         );
-        info.set("incompatible_features", h.feature_names_of(0, h.incompatible));
+        info.set(
+            "incompatible_features",
+            h.feature_names_of(0, h.incompatible),
+        );
         info.set("compatible_features", h.feature_names_of(1, h.compatible));
         info.set("autoclear_features", h.feature_names_of(2, h.autoclear));
         info.set("lazy_refcounts", h.compatible & COMPAT_LAZY_REFCOUNTS != 0);
@@ -585,7 +657,10 @@ impl BlockDevice for Qcow2Image {
         while len < want && g < size && first + within >= cs {
             let ngc = g / cs;
             // Skip whole unallocated L1 ranges quickly.
-            if kind == ExtentKind::Unallocated && ngc % n == 0 && self.l1_entry(ngc / n)? & OFFSET_MASK == 0 {
+            if kind == ExtentKind::Unallocated
+                && ngc.is_multiple_of(n)
+                && self.l1_entry(ngc / n)? & OFFSET_MASK == 0
+            {
                 len += n * cs;
                 g += n * cs;
                 continue;

@@ -41,7 +41,7 @@ pub fn read_snapshots(storage: &dyn Storage, h: &Header, limits: &Limits) -> Res
     let cs = h.cluster_size();
     let file_len = storage.len()?;
     let start = h.snapshots_offset;
-    if start % cs != 0 || start >= file_len {
+    if !start.is_multiple_of(cs) || start >= file_len {
         return Err(Error::corrupt(
             "snapshots_offset",
             64,
@@ -65,7 +65,11 @@ pub fn read_snapshots(storage: &dyn Storage, h: &Header, limits: &Limits) -> Res
         let name_len = usize::from(be16(fixed, 14));
         let extra_len = be32(fixed, 36);
         if extra_len > MAX_SNAPSHOT_EXTRA {
-            return Err(Error::corrupt(&field, at + 36, "snapshot extra data too large"));
+            return Err(Error::corrupt(
+                &field,
+                at + 36,
+                "snapshot extra data too large",
+            ));
         }
         let extra_len = extra_len as usize;
         let extra = table
@@ -82,7 +86,11 @@ pub fn read_snapshots(storage: &dyn Storage, h: &Header, limits: &Limits) -> Res
         if extra_len >= 8 {
             vm_state_size = be64(extra, 0);
         }
-        let disk_size = if extra_len >= 16 { Some(be64(extra, 8)) } else { None };
+        let disk_size = if extra_len >= 16 {
+            Some(be64(extra, 8))
+        } else {
+            None
+        };
         let len = (40 + extra_len + id_len + name_len).div_ceil(8) * 8;
         out.push(Snapshot {
             l1_table_offset,
@@ -105,7 +113,7 @@ pub fn read_snapshots(storage: &dyn Storage, h: &Header, limits: &Limits) -> Res
 /// Checks a snapshot's L1 table location (Q16).
 pub fn check_snapshot_l1(s: &Snapshot, cs: u64, file_len: u64) -> Result<()> {
     let field = format!("snapshot '{}' l1_table_offset", s.name);
-    if s.l1_table_offset % cs != 0 || s.l1_table_offset == 0 {
+    if !s.l1_table_offset.is_multiple_of(cs) || s.l1_table_offset == 0 {
         return Err(Error::corrupt(
             &field,
             s.entry_offset,

@@ -65,13 +65,21 @@ impl Geometry {
     pub fn decode_l2(&self, e: u64, bitmap: u64, field: &str, at: u64) -> Result<Mapping> {
         if e & OFLAG_COMPRESSED != 0 {
             if self.data_file {
-                return Err(Error::corrupt(field, at, "compressed cluster in an image with an external data file"));
+                return Err(Error::corrupt(
+                    field,
+                    at,
+                    "compressed cluster in an image with an external data file",
+                ));
             }
             let x = 62 - (self.cluster_bits - 8);
             let offset = e & ((1u64 << x) - 1);
             let nsect = ((e >> x) & ((1u64 << (self.cluster_bits - 8)) - 1)) + 1;
             if offset >> 56 != 0 {
-                return Err(Error::corrupt(field, at, format!("compressed cluster offset {offset:#x} beyond 2^56")));
+                return Err(Error::corrupt(
+                    field,
+                    at,
+                    format!("compressed cluster offset {offset:#x} beyond 2^56"),
+                ));
             }
             let len = nsect * 512 - (offset & 511);
             return Ok(Mapping::Compressed { offset, len });
@@ -79,9 +87,13 @@ impl Geometry {
         let host = e & OFFSET_MASK;
         let copied = e & OFLAG_COPIED != 0;
         if e & L2_RESERVED != 0 {
-            return Err(Error::corrupt(field, at, format!("L2 entry {e:#018x} has reserved bits set")));
+            return Err(Error::corrupt(
+                field,
+                at,
+                format!("L2 entry {e:#018x} has reserved bits set"),
+            ));
         }
-        if host % self.cs() != 0 {
+        if !host.is_multiple_of(self.cs()) {
             return Err(Error::corrupt(
                 field,
                 at,
@@ -93,10 +105,18 @@ impl Geometry {
             let alloc = bitmap as u32;
             let zero = (bitmap >> 32) as u32;
             if alloc & zero != 0 {
-                return Err(Error::corrupt(field, at, "subcluster both allocated and zero"));
+                return Err(Error::corrupt(
+                    field,
+                    at,
+                    "subcluster both allocated and zero",
+                ));
             }
             if alloc != 0 && !allocated {
-                return Err(Error::corrupt(field, at, "allocated subclusters without a host cluster"));
+                return Err(Error::corrupt(
+                    field,
+                    at,
+                    "allocated subclusters without a host cluster",
+                ));
             }
             return Ok(Mapping::Sub { host, alloc, zero });
         }
@@ -111,19 +131,26 @@ impl Geometry {
         if allocated {
             Ok(Mapping::Normal { host, copied })
         } else if copied {
-            Err(Error::corrupt(field, at, "COPIED flag on an unallocated cluster"))
+            Err(Error::corrupt(
+                field,
+                at,
+                "COPIED flag on an unallocated cluster",
+            ))
         } else {
-            Ok(Mapping::Unallocated)
         }
     }
 
     /// Decodes an L1 entry to its L2 table offset (0 = none).
     pub fn decode_l1(&self, e: u64, field: &str, at: u64) -> Result<u64> {
         if e & L1_RESERVED != 0 {
-            return Err(Error::corrupt(field, at, format!("L1 entry {e:#018x} has reserved bits set")));
+            return Err(Error::corrupt(
+                field,
+                at,
+                format!("L1 entry {e:#018x} has reserved bits set"),
+            ));
         }
         let off = e & OFFSET_MASK;
-        if off % self.cs() != 0 {
+        if !off.is_multiple_of(self.cs()) {
             return Err(Error::corrupt(
                 field,
                 at,
@@ -135,8 +162,11 @@ impl Geometry {
 }
 
 /// A bounded cache of L2 tables, split into shards so parallel readers rarely contend.
+type Shard = Mutex<HashMap<u64, Arc<Vec<u64>>>>;
+
+/// A bounded cache of L2 tables (see [`L2Cache::new`]).
 pub struct L2Cache {
-    shards: Vec<Mutex<HashMap<u64, Arc<Vec<u64>>>>>,
+    shards: Vec<Shard>,
     per_shard: usize,
 }
 
@@ -152,7 +182,7 @@ impl L2Cache {
         }
     }
 
-    fn shard(&self, off: u64) -> Option<&Mutex<HashMap<u64, Arc<Vec<u64>>>>> {
+    fn shard(&self, off: u64) -> Option<&Shard> {
         let i = ((off >> 9).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 60) as usize % SHARDS;
         self.shards.get(i)
     }

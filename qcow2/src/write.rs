@@ -31,13 +31,24 @@ pub struct AllocState {
 }
 
 impl AllocState {
-    pub(crate) fn new(storage: &dyn Storage, h: &Header, limits: &Limits, writable: bool) -> Result<Self> {
+    pub(crate) fn new(
+        storage: &dyn Storage,
+        h: &Header,
+        limits: &Limits,
+        writable: bool,
+    ) -> Result<Self> {
         if !writable {
             return Ok(AllocState::default());
         }
         let cs = h.cluster_size();
         let bytes = u64::from(h.refcount_table_clusters) * cs;
-        let raw = read_table(storage, h.refcount_table_offset, bytes, limits, "refcount_table")?;
+        let raw = read_table(
+            storage,
+            h.refcount_table_offset,
+            bytes,
+            limits,
+            "refcount_table",
+        )?;
         let reftable = decode_u64s(&raw);
         Ok(AllocState {
             reftable,
@@ -65,12 +76,18 @@ impl Qcow2Image {
             if st.blocks.len() > 256 {
                 st.blocks.clear();
             }
-            let b = read_table(self.storage.as_ref(), off, self.cs(), &self.limits, "refcount_block")?;
+            let b = read_table(
+                self.storage.as_ref(),
+                off,
+                self.cs(),
+                &self.limits,
+                "refcount_block",
+            )?;
             st.blocks.insert(off, b);
         }
-        st.blocks
-            .get_mut(&off)
-            .ok_or_else(|| Error::corrupt("refcount_block", off, "refcount block vanished from cache"))
+        st.blocks.get_mut(&off).ok_or_else(|| {
+            Error::corrupt("refcount_block", off, "refcount block vanished from cache")
+        })
     }
 
     /// Stored refcount of host cluster `c`.
@@ -86,7 +103,11 @@ impl Qcow2Image {
         }
         let order = self.order();
         let b = self.block_bytes(st, off)?;
-        Ok(refcount_get(b, order, usize::try_from(c % epb).unwrap_or(0)))
+        Ok(refcount_get(
+            b,
+            order,
+            usize::try_from(c % epb).unwrap_or(0),
+        ))
     }
 
     /// Finds `n` free clusters at the end of the image (never reusing freed space).
@@ -117,7 +138,10 @@ impl Qcow2Image {
             let w = 1usize << (order - 3);
             (iu * w, w)
         };
-        let bytes = b.get(start..start + len).map(<[u8]>::to_vec).unwrap_or_default();
+        let bytes = b
+            .get(start..start + len)
+            .map(<[u8]>::to_vec)
+            .unwrap_or_default();
         self.storage.write_at(&bytes, block_off + start as u64)
     }
 
@@ -132,8 +156,12 @@ impl Qcow2Image {
         let iu = usize::try_from(idx).unwrap_or(usize::MAX);
         let e = st.reftable.get(iu).copied().unwrap_or(0) & REFTABLE_OFFSET_MASK;
         if e != 0 {
-            if e % cs != 0 {
-                return Err(Error::corrupt("refcount_table", e, "refcount block not cluster aligned"));
+            if !e.is_multiple_of(cs) {
+                return Err(Error::corrupt(
+                    "refcount_table",
+                    e,
+                    "refcount block not cluster aligned",
+                ));
             }
             return Ok(e);
         }
@@ -142,15 +170,25 @@ impl Qcow2Image {
         let mut block = vec![0u8; usize::try_from(cs).unwrap_or(0)];
         let self_covering = bc / epb == idx;
         if self_covering {
-            refcount_set(&mut block, self.order(), usize::try_from(bc % epb).unwrap_or(0), 1);
+            refcount_set(
+                &mut block,
+                self.order(),
+                usize::try_from(bc % epb).unwrap_or(0),
+                1,
+            );
         }
         self.storage.write_at(&block, b)?;
         st.blocks.insert(b, block);
         if !self_covering {
             self.update_refcount(st, bc, 1)?;
         }
-        let rt_off = self.header.read().map_err(|_| poisoned())?.refcount_table_offset;
-        self.storage.write_at(&(b).to_be_bytes(), rt_off + idx * 8)?;
+        let rt_off = self
+            .header
+            .read()
+            .map_err(|_| poisoned())?
+            .refcount_table_offset;
+        self.storage
+            .write_at(&(b).to_be_bytes(), rt_off + idx * 8)?;
         if let Some(x) = st.reftable.get_mut(iu) {
             *x = b;
         }
@@ -166,7 +204,11 @@ impl Qcow2Image {
             let idx = usize::try_from(c / epb).unwrap_or(usize::MAX);
             let e = st.reftable.get(idx).copied().unwrap_or(0) & REFTABLE_OFFSET_MASK;
             if e == 0 {
-                return Err(Error::corrupt("refcount_table", c * self.cs(), "freeing a cluster without a refcount block"));
+                return Err(Error::corrupt(
+                    "refcount_table",
+                    c * self.cs(),
+                    "freeing a cluster without a refcount block",
+                ));
             }
             e
         };
@@ -192,18 +234,27 @@ impl Qcow2Image {
         let cs = self.cs();
         let epb = self.epb();
         let old = st.reftable.clone();
-        let old_off = self.header.read().map_err(|_| poisoned())?.refcount_table_offset;
+        let old_off = self
+            .header
+            .read()
+            .map_err(|_| poisoned())?
+            .refcount_table_offset;
         let old_clusters = (old.len() as u64 * 8).div_ceil(cs);
         let mut entries = (need_idx + 1).max(old.len() as u64 * 2);
         let (start, t, new_blocks) = loop {
             let t = (entries * 8).div_ceil(cs);
             let cursor = st.next_free.max(self.storage.len()?.div_ceil(cs));
-            let missing = |i: u64| old.get(usize::try_from(i).unwrap_or(usize::MAX)).is_none_or(|e| e & REFTABLE_OFFSET_MASK == 0);
+            let missing = |i: u64| {
+                old.get(usize::try_from(i).unwrap_or(usize::MAX))
+                    .is_none_or(|e| e & REFTABLE_OFFSET_MASK == 0)
+            };
             let mut k = 0u64;
             let mut blocks: Vec<u64>;
             loop {
                 let end = cursor + t + k;
-                blocks = (cursor / epb..=(end - 1) / epb).filter(|&i| missing(i)).collect();
+                blocks = (cursor / epb..=(end - 1) / epb)
+                    .filter(|&i| missing(i))
+                    .collect();
                 if blocks.len() as u64 == k {
                     break;
                 }
@@ -214,7 +265,11 @@ impl Qcow2Image {
                 continue;
             }
             if (t * cs) > MAX_REFTABLE_BYTES {
-                return Err(Error::limit("refcount_table", old_off, "refcount table would exceed 8 MiB"));
+                return Err(Error::limit(
+                    "refcount_table",
+                    old_off,
+                    "refcount table would exceed 8 MiB",
+                ));
             }
             let start = self.alloc_clusters(st, t + k)? / cs;
             if start != cursor {
@@ -247,7 +302,11 @@ impl Qcow2Image {
         for c in start..end {
             let idx = c / epb;
             if !new_blocks.contains(&idx) {
-                let b = old.get(usize::try_from(idx).unwrap_or(usize::MAX)).copied().unwrap_or(0) & REFTABLE_OFFSET_MASK;
+                let b = old
+                    .get(usize::try_from(idx).unwrap_or(usize::MAX))
+                    .copied()
+                    .unwrap_or(0)
+                    & REFTABLE_OFFSET_MASK;
                 let cur = self.refcount(st, c)?;
                 self.write_refcount_entry(st, b, c % epb, cur + 1)?;
             }
@@ -299,9 +358,16 @@ impl Qcow2Image {
         let hit = host < cs
             || (host + cs > self.l1_offset && host < l1_end)
             || (host + cs > h.refcount_table_offset && host < rt_end)
-            || st.reftable.iter().any(|&e| e & REFTABLE_OFFSET_MASK == host);
+            || st
+                .reftable
+                .iter()
+                .any(|&e| e & REFTABLE_OFFSET_MASK == host);
         if hit {
-            return Err(Error::corrupt("l2_entry", host, "cluster overlaps image metadata: refusing to write"));
+            return Err(Error::corrupt(
+                "l2_entry",
+                host,
+                "cluster overlaps image metadata: refusing to write",
+            ));
         }
         if self.refcount(st, host / cs)? != 1 {
             return Err(Error::corrupt(
@@ -350,7 +416,8 @@ impl Qcow2Image {
         }
         self.check_overlap(st, l2_off)?;
         let t = self.l2_table(l2_off)?;
-        self.storage.write_at(&entry.to_be_bytes(), l2_off + l2_idx * 8)?;
+        self.storage
+            .write_at(&entry.to_be_bytes(), l2_off + l2_idx * 8)?;
         let mut t2 = (*t).clone();
         if let Some(x) = t2.get_mut(usize::try_from(l2_idx).unwrap_or(usize::MAX)) {
             *x = entry;
@@ -439,7 +506,12 @@ impl Qcow2Image {
         check_range(self.size(), offset, len)?;
         let cs = self.cs();
         let v3 = self.geo.v3;
-        let has_backing = self.header.read().map_err(|_| poisoned())?.backing_file.is_some();
+        let has_backing = self
+            .header
+            .read()
+            .map_err(|_| poisoned())?
+            .backing_file
+            .is_some();
         let mut g = offset;
         let end = offset + len;
         while g < end {

@@ -77,7 +77,9 @@ impl CreateOptions {
             return Err(Error::invalid_argument("compat must be 0.10 or 1.1"));
         }
         if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&self.cluster_bits) {
-            return Err(Error::invalid_argument("cluster_size must be a power of two from 512 to 2M"));
+            return Err(Error::invalid_argument(
+                "cluster_size must be a power of two from 512 to 2M",
+            ));
         }
         if self.refcount_order > 6 || (self.version == 2 && self.refcount_order != 4) {
             return Err(Error::invalid_argument(
@@ -85,7 +87,9 @@ impl CreateOptions {
             ));
         }
         if self.compression_type > 1 || (self.version == 2 && self.compression_type != 0) {
-            return Err(Error::invalid_argument("compression_type zstd needs compat=1.1"));
+            return Err(Error::invalid_argument(
+                "compression_type zstd needs compat=1.1",
+            ));
         }
         if self.version == 2 && self.lazy_refcounts {
             return Err(Error::invalid_argument("lazy_refcounts needs compat=1.1"));
@@ -96,7 +100,9 @@ impl CreateOptions {
         let cs = 1u64 << self.cluster_bits;
         let l1 = self.size.div_ceil(cs * (cs / 8));
         if l1 * 8 > MAX_L1_BYTES {
-            return Err(Error::invalid_argument("size too large for this cluster size (L1 over 32 MiB)"));
+            return Err(Error::invalid_argument(
+                "size too large for this cluster size (L1 over 32 MiB)",
+            ));
         }
         Ok(())
     }
@@ -197,7 +203,9 @@ pub struct Qcow2Writer {
 
 impl std::fmt::Debug for Qcow2Writer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Qcow2Writer").field("pos", &self.pos).finish_non_exhaustive()
+        f.debug_struct("Qcow2Writer")
+            .field("pos", &self.pos)
+            .finish_non_exhaustive()
     }
 }
 
@@ -210,7 +218,9 @@ impl Qcow2Writer {
         let cs = 1u64 << opts.cluster_bits;
         let pool = if opts.compress {
             let threads = if opts.threads == 0 {
-                std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1)
             } else {
                 opts.threads
             };
@@ -293,7 +303,10 @@ impl Qcow2Writer {
     fn store_cluster(&mut self, gc: u64, data: &[u8]) -> Result<()> {
         if self.pool.is_some() {
             let seq = {
-                let pool = self.pool.as_mut().ok_or_else(|| Error::unsupported("no pool"))?;
+                let pool = self
+                    .pool
+                    .as_mut()
+                    .ok_or_else(|| Error::unsupported("no pool"))?;
                 let s = pool.next_seq;
                 pool.next_seq += 1;
                 s
@@ -356,7 +369,7 @@ impl Qcow2Writer {
             Some(z) if !z.is_empty() => {
                 let max = refcount_max(self.opts.refcount_order);
                 let mut p = self.pos;
-                if p % cs != 0 && self.ref_of(p / cs) >= max {
+                if !p.is_multiple_of(cs) && self.ref_of(p / cs) >= max {
                     p = p.div_ceil(cs) * cs;
                 }
                 let pad = usize::try_from(p - self.pos).unwrap_or(0);
@@ -483,7 +496,9 @@ impl Qcow2Writer {
             blocks = nb;
         }
         if rt_clusters * cs > MAX_REFTABLE_BYTES {
-            return Err(Error::invalid_argument("image too large for its refcount table (over 8 MiB)"));
+            return Err(Error::invalid_argument(
+                "image too large for its refcount table (over 8 MiB)",
+            ));
         }
         let rt_off = meta_cluster * cs;
         for c in 0..rt_clusters + blocks {
@@ -512,7 +527,9 @@ impl Qcow2Writer {
             let b = c as u64 / epb;
             let i = usize::try_from(c as u64 % epb).unwrap_or(0);
             let start = usize::try_from(b * cs).unwrap_or(usize::MAX);
-            if let Some(block) = rb.get_mut(start..start.saturating_add(usize::try_from(cs).unwrap_or(0))) {
+            if let Some(block) =
+                rb.get_mut(start..start.saturating_add(usize::try_from(cs).unwrap_or(0)))
+            {
                 refcount_set(block, order, i, u64::from(r));
             }
         }
@@ -538,10 +555,18 @@ impl Qcow2Writer {
             } else {
                 0
             },
-            compatible: if self.opts.lazy_refcounts { COMPAT_LAZY_REFCOUNTS } else { 0 },
+            compatible: if self.opts.lazy_refcounts {
+                COMPAT_LAZY_REFCOUNTS
+            } else {
+                0
+            },
             autoclear: 0,
             refcount_order: order,
-            header_length: if self.opts.version >= 3 { V3_HEADER_LEN } else { V2_HEADER_LEN },
+            header_length: if self.opts.version >= 3 {
+                V3_HEADER_LEN
+            } else {
+                V2_HEADER_LEN
+            },
             compression_type: self.opts.compression_type,
             backing_file: self.opts.backing_file.clone(),
             backing_format: self.opts.backing_format.clone(),
@@ -584,7 +609,9 @@ impl ImageWriter for Qcow2Writer {
                 if self.pool.is_none() {
                     // Whole run of full clusters: one write.
                     let full = ((data.len() - pos) as u64 / cs) * cs;
-                    let run = data.get(pos..pos + usize::try_from(full).unwrap_or(0)).unwrap_or_default();
+                    let run = data
+                        .get(pos..pos + usize::try_from(full).unwrap_or(0))
+                        .unwrap_or_default();
                     let host = self.pos.div_ceil(cs) * cs;
                     self.storage.write_at(run, host)?;
                     for k in 0..full / cs {

@@ -1,6 +1,11 @@
 //! `check` finds leaks, corruptions, COPIED mismatches, overlaps and references past EOF;
 //! `repair_leaks` fixes leaks so that qemu-img check is clean.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 mod common;
 
@@ -24,7 +29,16 @@ struct Layout {
 fn make(path: &Path) -> Layout {
     let _ = std::fs::remove_file(path);
     let st = FileStorage::create_new(path).unwrap();
-    let mut w = Box::new(Qcow2Writer::new(Box::new(st), CreateOptions { size: 4 << 20, ..CreateOptions::default() }).unwrap());
+    let mut w = Box::new(
+        Qcow2Writer::new(
+            Box::new(st),
+            CreateOptions {
+                size: 4 << 20,
+                ..CreateOptions::default()
+            },
+        )
+        .unwrap(),
+    );
     w.write_data(0, &vec![0x5au8; 1 << 20]).unwrap();
     w.finish().unwrap();
     let bytes = std::fs::read(path).unwrap();
@@ -33,7 +47,13 @@ fn make(path: &Path) -> Layout {
     let l2 = (be64(&bytes, l1) & 0x00ff_ffff_ffff_fe00) as usize;
     let data = (be64(&bytes, l2) & 0x00ff_ffff_ffff_fe00) as usize;
     let block = be64(&bytes, h.refcount_table_offset as usize) as usize;
-    Layout { bytes, l2, data, l1, block }
+    Layout {
+        bytes,
+        l2,
+        data,
+        l1,
+        block,
+    }
 }
 
 fn check_of(path: &Path, bytes: &[u8]) -> blockdev::CheckReport {
@@ -50,7 +70,12 @@ fn finds_leak_and_repairs_it() {
     l.bytes[l.block + c * 2..l.block + c * 2 + 2].copy_from_slice(&2u16.to_be_bytes());
     let rep = check_of(&p, &l.bytes);
     assert_eq!(rep.leaks(), 1, "{:?}", rep.findings);
-    assert_eq!(rep.corruptions(), 1, "COPIED set with refcount 2: {:?}", rep.findings);
+    assert_eq!(
+        rep.corruptions(),
+        1,
+        "COPIED set with refcount 2: {:?}",
+        rep.findings
+    );
     // A pure leak: a cluster past the used area with refcount 1.
     let mut l = make(&p);
     let free = l.bytes.len().div_ceil(65536) + 1;
@@ -76,19 +101,39 @@ fn finds_corruptions() {
     let c = l.data / 65536;
     l.bytes[l.block + c * 2..l.block + c * 2 + 2].copy_from_slice(&0u16.to_be_bytes());
     let rep = check_of(&p, &l.bytes);
-    assert!(rep.findings.iter().any(|f| f.severity == Severity::Corruption && f.message.contains("refcount=0 reference=1")));
+    assert!(rep.findings.iter().any(
+        |f| f.severity == Severity::Corruption && f.message.contains("refcount=0 reference=1")
+    ));
     // COPIED flag cleared.
     let mut l = make(&p);
     l.bytes[l.l2] &= 0x7f;
     let rep = check_of(&p, &l.bytes);
-    assert!(rep.findings.iter().any(|f| f.message.contains("OFLAG_COPIED")), "{:?}", rep.findings);
+    assert!(
+        rep.findings
+            .iter()
+            .any(|f| f.message.contains("OFLAG_COPIED")),
+        "{:?}",
+        rep.findings
+    );
     // Past EOF and overlap with the L1 table, reported together.
     let mut l = make(&p);
     l.bytes[l.l2 + 8..l.l2 + 16].copy_from_slice(&((1u64 << 63) | (1 << 40)).to_be_bytes());
     l.bytes[l.l2 + 16..l.l2 + 24].copy_from_slice(&((1u64 << 63) | l.l1 as u64).to_be_bytes());
     let rep = check_of(&p, &l.bytes);
-    assert!(rep.findings.iter().any(|f| f.message.contains("past the end")), "{:?}", rep.findings);
-    assert!(rep.findings.iter().any(|f| f.message.contains("overlapping")), "{:?}", rep.findings);
+    assert!(
+        rep.findings
+            .iter()
+            .any(|f| f.message.contains("past the end")),
+        "{:?}",
+        rep.findings
+    );
+    assert!(
+        rep.findings
+            .iter()
+            .any(|f| f.message.contains("overlapping")),
+        "{:?}",
+        rep.findings
+    );
     // Writing into the hostile image is refused, never into the L1 table.
     let img = common::open_rw(&p);
     let e = img.write_at(&[1u8; 512], 2 * 65536).unwrap_err();
@@ -100,7 +145,13 @@ fn info_lists_facts() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("i.qcow2");
     let (rc, _, err) = common::qemu_img(&[
-        "create", "-f", "qcow2", "-o", "lazy_refcounts=on,compression_type=zstd,refcount_bits=8", p.to_str().unwrap(), "1G",
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "lazy_refcounts=on,compression_type=zstd,refcount_bits=8",
+        p.to_str().unwrap(),
+        "1G",
     ]);
     assert_eq!(rc, 0, "{err}");
     let info = common::open(&p).info();
@@ -110,7 +161,11 @@ fn info_lists_facts() {
     assert_eq!(f["compression_type"], "zstd");
     assert_eq!(f["lazy_refcounts"], true);
     assert_eq!(f["dirty"], false);
-    assert!(f["incompatible_features"].as_array().unwrap().iter().any(|v| v == "compression type"));
+    assert!(f["incompatible_features"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|v| v == "compression type"));
     assert_eq!(info.cluster_size, Some(65536));
     assert_eq!(info.virtual_size, 1 << 30);
 }

@@ -1,6 +1,11 @@
 //! Fault injection at every mutating operation of allocating writes: the image left behind
 //! has at most leaks, never corruption (ours and qemu-img's check agree).
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 mod common;
 
@@ -39,9 +44,16 @@ fn scenario_b(img: &Qcow2Image) -> blockdev::Result<()> {
 
 fn run(initial: &[u8], sc: Scenario, sample: u64) {
     // Count the operations of a clean run.
-    let clean = Arc::new(FaultyStorage::new(MemStorage::from_vec(initial.to_vec()), u64::MAX, false));
+    let clean = Arc::new(FaultyStorage::new(
+        MemStorage::from_vec(initial.to_vec()),
+        u64::MAX,
+        false,
+    ));
     {
-        let opts = OpenOptions { writable: true, ..OpenOptions::default() };
+        let opts = OpenOptions {
+            writable: true,
+            ..OpenOptions::default()
+        };
         let img = Qcow2Image::open(Box::new(clean.clone()), &blockdev::DenyGate, &opts).unwrap();
         sc(&img).unwrap();
     }
@@ -51,14 +63,31 @@ fn run(initial: &[u8], sc: Scenario, sample: u64) {
     let mut n = 1;
     let mut checked = 0;
     while n <= total {
-        let st = Arc::new(FaultyStorage::new(MemStorage::from_vec(initial.to_vec()), n, true));
+        let st = Arc::new(FaultyStorage::new(
+            MemStorage::from_vec(initial.to_vec()),
+            n,
+            true,
+        ));
         {
-            let opts = OpenOptions { writable: true, ..OpenOptions::default() };
-            let img = Qcow2Image::open(Box::new(st.clone()) as Box<dyn Storage>, &blockdev::DenyGate, &opts).unwrap();
+            let opts = OpenOptions {
+                writable: true,
+                ..OpenOptions::default()
+            };
+            let img = Qcow2Image::open(
+                Box::new(st.clone()) as Box<dyn Storage>,
+                &blockdev::DenyGate,
+                &opts,
+            )
+            .unwrap();
             assert!(sc(&img).is_err(), "fault {n} not reported");
         }
         let bytes = Arc::try_unwrap(st).ok().unwrap().into_inner().to_vec();
-        let img = Qcow2Image::open(Box::new(MemStorage::read_only(bytes.clone())), &blockdev::DenyGate, &OpenOptions::default()).unwrap();
+        let img = Qcow2Image::open(
+            Box::new(MemStorage::read_only(bytes.clone())),
+            &blockdev::DenyGate,
+            &OpenOptions::default(),
+        )
+        .unwrap();
         let rep = img.check().unwrap();
         assert_eq!(rep.corruptions(), 0, "fault at op {n}: {:?}", rep.findings);
         // Reads still work.
@@ -68,7 +97,10 @@ fn run(initial: &[u8], sc: Scenario, sample: u64) {
             let p = dir.path().join(format!("f{n}.qcow2"));
             std::fs::write(&p, &bytes).unwrap();
             let (rc, out, err) = common::qemu_img(&["check", "-f", "qcow2", p.to_str().unwrap()]);
-            assert!(rc == 0 || rc == 3, "fault at op {n}: qemu-img check rc {rc}: {out} {err}");
+            assert!(
+                rc == 0 || rc == 3,
+                "fault at op {n}: qemu-img check rc {rc}: {out} {err}"
+            );
         }
         checked += 1;
         n += sample;
@@ -77,12 +109,20 @@ fn run(initial: &[u8], sc: Scenario, sample: u64) {
 
 #[test]
 fn every_metadata_write_of_allocations_64k() {
-    let img = fresh(CreateOptions { size: 2 << 30, ..CreateOptions::default() });
+    let img = fresh(CreateOptions {
+        size: 2 << 30,
+        ..CreateOptions::default()
+    });
     run(&img, scenario_a, 1);
 }
 
 #[test]
 fn sampled_faults_with_refcount_table_growth() {
-    let img = fresh(CreateOptions { size: 3 << 20, cluster_bits: 9, refcount_order: 6, ..CreateOptions::default() });
+    let img = fresh(CreateOptions {
+        size: 3 << 20,
+        cluster_bits: 9,
+        refcount_order: 6,
+        ..CreateOptions::default()
+    });
     run(&img, scenario_b, 53);
 }

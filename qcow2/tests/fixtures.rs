@@ -1,5 +1,10 @@
 //! Every qcow2 of the shared fixtures MANIFEST gives its listed guest SHA-256.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 mod common;
 
@@ -46,20 +51,38 @@ fn dissect_snapshot_listing_and_reading() {
     let snaps = img.snapshots().unwrap().to_vec();
     assert_eq!(snaps.len(), 2);
     let info = img.info();
-    assert_eq!(info.format_specific["snapshots"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        info.format_specific["snapshots"].as_array().unwrap().len(),
+        2
+    );
     for s in &snaps {
         let st = FileStorage::open(&f.path, false).unwrap();
-        let opts = OpenOptions { snapshot: Some(s.name.clone()), ..OpenOptions::default() };
+        let opts = OpenOptions {
+            snapshot: Some(s.name.clone()),
+            ..OpenOptions::default()
+        };
         let snap = Qcow2Image::open(Box::new(st), &common::TestGate, &opts).unwrap();
         // Compare with qemu-img's reading of the same snapshot.
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("s.raw");
         let (rc, _, err) = common::qemu_img(&[
-            "convert", "-f", "qcow2", "-l", &format!("snapshot.name={}", s.name), "-O", "raw",
-            f.path.to_str().unwrap(), out.to_str().unwrap(),
+            "convert",
+            "-f",
+            "qcow2",
+            "-l",
+            &format!("snapshot.name={}", s.name),
+            "-O",
+            "raw",
+            f.path.to_str().unwrap(),
+            out.to_str().unwrap(),
         ]);
         assert_eq!(rc, 0, "{err}");
-        assert_eq!(testsupport::sha256_device(&snap), testsupport::sha256_file(&out), "{}", s.name);
+        assert_eq!(
+            testsupport::sha256_device(&snap),
+            testsupport::sha256_file(&out),
+            "{}",
+            s.name
+        );
     }
 }
 

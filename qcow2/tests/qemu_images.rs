@@ -1,5 +1,10 @@
 //! Images made by qemu-img / qemu-io read back identical to qemu-img's reading.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 mod common;
 
@@ -38,7 +43,13 @@ fn check_same(img: &Path) {
         off += e.len;
     }
     let rep = dev.check().unwrap();
-    assert_eq!(rep.corruptions(), 0, "{}: {:?}", img.display(), rep.findings);
+    assert_eq!(
+        rep.corruptions(),
+        0,
+        "{}: {:?}",
+        img.display(),
+        rep.findings
+    );
     assert_eq!(rep.leaks(), 0, "{}: {:?}", img.display(), rep.findings);
 }
 
@@ -60,7 +71,12 @@ fn compat_and_cluster_sizes() {
     for compat in ["0.10", "1.1"] {
         for cs in ["512", "4096", "65536", "2M"] {
             let name = format!("c{compat}-{cs}.qcow2");
-            let img = convert(dir.path(), &raw, &name, &["-o", &format!("compat={compat},cluster_size={cs}")]);
+            let img = convert(
+                dir.path(),
+                &raw,
+                &name,
+                &["-o", &format!("compat={compat},cluster_size={cs}")],
+            );
             check_same(&img);
         }
     }
@@ -71,7 +87,12 @@ fn refcount_widths() {
     let dir = tempfile::tempdir().unwrap();
     let raw = pattern_raw(dir.path());
     for bits in [1, 2, 4, 8, 16, 32, 64] {
-        let img = convert(dir.path(), &raw, &format!("r{bits}.qcow2"), &["-o", &format!("refcount_bits={bits}")]);
+        let img = convert(
+            dir.path(),
+            &raw,
+            &format!("r{bits}.qcow2"),
+            &["-o", &format!("refcount_bits={bits}")],
+        );
         check_same(&img);
     }
 }
@@ -80,12 +101,22 @@ fn refcount_widths() {
 fn compressed_zlib_zstd_and_small_clusters() {
     let dir = tempfile::tempdir().unwrap();
     let raw = pattern_raw(dir.path());
-    for (ct, cs) in [("zlib", "65536"), ("zstd", "65536"), ("zlib", "512"), ("zstd", "2M"), ("zlib", "2M")] {
+    for (ct, cs) in [
+        ("zlib", "65536"),
+        ("zstd", "65536"),
+        ("zlib", "512"),
+        ("zstd", "2M"),
+        ("zlib", "2M"),
+    ] {
         let img = convert(
             dir.path(),
             &raw,
             &format!("z-{ct}-{cs}.qcow2"),
-            &["-c", "-o", &format!("compression_type={ct},cluster_size={cs}")],
+            &[
+                "-c",
+                "-o",
+                &format!("compression_type={ct},cluster_size={cs}"),
+            ],
         );
         check_same(&img);
     }
@@ -100,14 +131,29 @@ fn extended_l2_subclusters() {
     assert_eq!(rc, 0, "{err}");
     common::qemu_io(&base, "qcow2", &["write -P 0x11 0 8M"]);
     let (rc, _, err) = common::qemu_img(&[
-        "create", "-f", "qcow2", "-o", "extended_l2=on,cluster_size=64k", "-b", "base.qcow2", "-F", "qcow2",
-        img.to_str().unwrap(), "8M",
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "extended_l2=on,cluster_size=64k",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        img.to_str().unwrap(),
+        "8M",
     ]);
     assert_eq!(rc, 0, "{err}");
     common::qemu_io(
         &img,
         "qcow2",
-        &["write -P 0x22 2048 4096", "write -z 65536 8192", "write -P 0x33 200k 3k", "write -z 1M 64k", "write -P 0x44 2M 128k"],
+        &[
+            "write -P 0x22 2048 4096",
+            "write -z 65536 8192",
+            "write -P 0x33 200k 3k",
+            "write -z 1M 64k",
+            "write -P 0x44 2M 128k",
+        ],
     );
     check_same(&img);
 }
@@ -115,11 +161,32 @@ fn extended_l2_subclusters() {
 #[test]
 fn preallocation_and_lazy_refcounts() {
     let dir = tempfile::tempdir().unwrap();
-    for opt in ["preallocation=metadata", "preallocation=full", "lazy_refcounts=on", "preallocation=falloc"] {
+    for opt in [
+        "preallocation=metadata",
+        "preallocation=full",
+        "lazy_refcounts=on",
+        "preallocation=falloc",
+    ] {
         let img = dir.path().join(format!("{}.qcow2", opt.replace('=', "-")));
-        let (rc, _, err) = common::qemu_img(&["create", "-f", "qcow2", "-o", opt, img.to_str().unwrap(), "8M"]);
+        let (rc, _, err) = common::qemu_img(&[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            opt,
+            img.to_str().unwrap(),
+            "8M",
+        ]);
         assert_eq!(rc, 0, "{err}");
-        common::qemu_io(&img, "qcow2", &["write -P 0x5a 100k 300k", "write -z 1M 128k", "discard 2M 64k"]);
+        common::qemu_io(
+            &img,
+            "qcow2",
+            &[
+                "write -P 0x5a 100k 300k",
+                "write -z 1M 128k",
+                "discard 2M 64k",
+            ],
+        );
         check_same(&img);
     }
 }
@@ -133,15 +200,40 @@ fn zero_clusters_over_backing_and_chains() {
     let mid = d.join("mid.qcow2");
     let top = d.join("top.qcow2");
     let (rc, _, err) = common::qemu_img(&[
-        "create", "-f", "qcow2", "-o", "compat=0.10", "-b", "src.raw", "-F", "raw", mid.to_str().unwrap(),
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "compat=0.10",
+        "-b",
+        "src.raw",
+        "-F",
+        "raw",
+        mid.to_str().unwrap(),
     ]);
     assert_eq!(rc, 0, "{err}");
     common::qemu_io(&mid, "qcow2", &["write -P 0x61 0 100k", "write -z 3M 64k"]);
     let (rc, _, err) = common::qemu_img(&[
-        "create", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", top.to_str().unwrap(), "10M",
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        "mid.qcow2",
+        "-F",
+        "qcow2",
+        top.to_str().unwrap(),
+        "10M",
     ]);
     assert_eq!(rc, 0, "{err}");
-    common::qemu_io(&top, "qcow2", &["write -z 0 256k", "write -P 0x77 5M 10k", "write -z -u 6M 1M"]);
+    common::qemu_io(
+        &top,
+        "qcow2",
+        &[
+            "write -z 0 256k",
+            "write -P 0x77 5M 10k",
+            "write -z -u 6M 1M",
+        ],
+    );
     check_same(&mid);
     check_same(&top);
     let dev = common::open(&top);

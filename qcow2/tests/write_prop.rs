@@ -1,6 +1,11 @@
 //! Random writes, zero writes and flushes into a qcow2 (with and without a backing file) match
 //! a byte model, and the result passes `qemu-img check`.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 mod common;
 
@@ -29,7 +34,16 @@ fn make_base(path: &Path, size: u64) -> Vec<u8> {
     let mut data = vec![0u8; size as usize];
     testsupport::TestRng::new(3).fill(&mut data);
     let st = FileStorage::create_new(path).unwrap();
-    let mut w = Box::new(Qcow2Writer::new(Box::new(st), CreateOptions { size, ..CreateOptions::default() }).unwrap());
+    let mut w = Box::new(
+        Qcow2Writer::new(
+            Box::new(st),
+            CreateOptions {
+                size,
+                ..CreateOptions::default()
+            },
+        )
+        .unwrap(),
+    );
     w.write_data(0, &data).unwrap();
     w.finish().unwrap();
     data
@@ -63,7 +77,9 @@ fn run(ops: &[Op], cluster_bits: u32, version: u32, order: u32, with_backing: bo
         for o in ops {
             match *o {
                 Op::Write { off, len, seed } => {
-                    let buf: Vec<u8> = (0..len).map(|i| seed.wrapping_add((i / 512) as u8) | 1).collect();
+                    let buf: Vec<u8> = (0..len)
+                        .map(|i| seed.wrapping_add((i / 512) as u8) | 1)
+                        .collect();
                     img.write_at(&buf, off).unwrap();
                     model[off as usize..(off + len) as usize].copy_from_slice(&buf);
                 }
@@ -83,7 +99,10 @@ fn run(ops: &[Op], cluster_bits: u32, version: u32, order: u32, with_backing: bo
     }
     common::qemu_check_clean(&top);
     if cluster_bits == 9 && order == 6 && ops.len() == 2 {
-        assert!(common::open(&top).header().refcount_table_clusters > 1, "refcount table did not grow");
+        assert!(
+            common::open(&top).header().refcount_table_clusters > 1,
+            "refcount table did not grow"
+        );
     }
     let theirs = testsupport::qemu_sha256(&top, "qcow2");
     let ours = {
@@ -123,7 +142,18 @@ proptest! {
 #[test]
 fn fills_whole_disk_with_512_byte_clusters() {
     // 64-bit refcounts and 512-byte clusters: the refcount table must grow several times.
-    let ops = vec![Op::Write { off: 0, len: 2 << 20, seed: 5 }, Op::Zero { off: 4096, len: 100_000, dealloc: true }];
+    let ops = vec![
+        Op::Write {
+            off: 0,
+            len: 2 << 20,
+            seed: 5,
+        },
+        Op::Zero {
+            off: 4096,
+            len: 100_000,
+            dealloc: true,
+        },
+    ];
     run(&ops, 9, 3, 6, false);
     run(&ops, 9, 3, 0, true);
 }

@@ -1,5 +1,10 @@
 //! Everything the writer produces passes `qemu-img check` and compares identical.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 mod common;
 
@@ -57,10 +62,24 @@ fn roundtrip(name: &str, opts: CreateOptions, size: usize) {
     let img = dir.path().join(format!("{name}.qcow2"));
     let data = content(size, size as u64 ^ 77);
     std::fs::write(&raw, &data).unwrap();
-    write_image(&img, &data, CreateOptions { size: size as u64, ..opts }, 1 << 20);
+    write_image(
+        &img,
+        &data,
+        CreateOptions {
+            size: size as u64,
+            ..opts
+        },
+        1 << 20,
+    );
     common::qemu_check_clean(&img);
     let (rc, out, err) = common::qemu_img(&[
-        "compare", "-f", "raw", "-F", "qcow2", raw.to_str().unwrap(), img.to_str().unwrap(),
+        "compare",
+        "-f",
+        "raw",
+        "-F",
+        "qcow2",
+        raw.to_str().unwrap(),
+        img.to_str().unwrap(),
     ]);
     assert_eq!(rc, 0, "{name}: {out} {err}");
     let ours = common::open(&img);
@@ -78,33 +97,62 @@ fn plain_v3() {
 
 #[test]
 fn compat_010() {
-    roundtrip("v2", CreateOptions { version: 2, ..CreateOptions::default() }, 3 << 20);
+    roundtrip(
+        "v2",
+        CreateOptions {
+            version: 2,
+            ..CreateOptions::default()
+        },
+        3 << 20,
+    );
 }
 
 #[test]
 fn compressed_zlib() {
-    roundtrip("zlib", CreateOptions { compress: true, ..CreateOptions::default() }, 4 << 20);
+    roundtrip(
+        "zlib",
+        CreateOptions {
+            compress: true,
+            ..CreateOptions::default()
+        },
+        4 << 20,
+    );
 }
 
 #[test]
 fn compressed_zstd() {
     roundtrip(
         "zstd",
-        CreateOptions { compress: true, compression_type: 1, ..CreateOptions::default() },
+        CreateOptions {
+            compress: true,
+            compression_type: 1,
+            ..CreateOptions::default()
+        },
         4 << 20,
     );
 }
 
 #[test]
 fn cluster_2m() {
-    roundtrip("c2m", CreateOptions { cluster_bits: 21, ..CreateOptions::default() }, 7 << 20);
+    roundtrip(
+        "c2m",
+        CreateOptions {
+            cluster_bits: 21,
+            ..CreateOptions::default()
+        },
+        7 << 20,
+    );
 }
 
 #[test]
 fn cluster_2m_compressed() {
     roundtrip(
         "c2mz",
-        CreateOptions { cluster_bits: 21, compress: true, ..CreateOptions::default() },
+        CreateOptions {
+            cluster_bits: 21,
+            compress: true,
+            ..CreateOptions::default()
+        },
         5 << 20,
     );
 }
@@ -114,13 +162,22 @@ fn cluster_512_and_refcount_widths() {
     for order in [0u32, 3, 6] {
         roundtrip(
             &format!("c512-r{order}"),
-            CreateOptions { cluster_bits: 9, refcount_order: order, ..CreateOptions::default() },
+            CreateOptions {
+                cluster_bits: 9,
+                refcount_order: order,
+                ..CreateOptions::default()
+            },
             1 << 20,
         );
     }
     roundtrip(
         "c512-r1-z",
-        CreateOptions { cluster_bits: 9, refcount_order: 1, compress: true, ..CreateOptions::default() },
+        CreateOptions {
+            cluster_bits: 9,
+            refcount_order: 1,
+            compress: true,
+            ..CreateOptions::default()
+        },
         1 << 20,
     );
 }
@@ -128,13 +185,21 @@ fn cluster_512_and_refcount_widths() {
 #[test]
 fn create_empty_and_preallocated() {
     let dir = tempfile::tempdir().unwrap();
-    for (i, pre) in [Preallocation::Off, Preallocation::Metadata].into_iter().enumerate() {
+    for (i, pre) in [Preallocation::Off, Preallocation::Metadata]
+        .into_iter()
+        .enumerate()
+    {
         for version in [2u32, 3] {
             let p = dir.path().join(format!("e{i}-{version}.qcow2"));
             let st = FileStorage::create_new(&p).unwrap();
             qcow2::create(
                 Box::new(st),
-                CreateOptions { size: 100 << 20, version, preallocation: pre, ..CreateOptions::default() },
+                CreateOptions {
+                    size: 100 << 20,
+                    version,
+                    preallocation: pre,
+                    ..CreateOptions::default()
+                },
             )
             .unwrap();
             common::qemu_check_clean(&p);
@@ -151,7 +216,15 @@ fn overlay_with_zero_clusters_over_backing() {
     let base = dir.path().join("base.qcow2");
     let size = 4usize << 20;
     let base_data = content(size, 5);
-    write_image(&base, &base_data, CreateOptions { size: size as u64, ..CreateOptions::default() }, 1 << 20);
+    write_image(
+        &base,
+        &base_data,
+        CreateOptions {
+            size: size as u64,
+            ..CreateOptions::default()
+        },
+        1 << 20,
+    );
     for version in [2u32, 3] {
         let top = dir.path().join(format!("top{version}.qcow2"));
         let st = FileStorage::create_new(&top).unwrap();

@@ -5,8 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use blockdev::{
-    BackingRequest, BlockDevice, Error, ErrorKind, FileStorage, OpenGate, RawImage, Result,
-    Storage,
+    BackingRequest, BlockDevice, Error, ErrorKind, FileStorage, OpenGate, RawImage, Result, Storage,
 };
 use qcow2::{OpenOptions, Qcow2Image};
 
@@ -14,7 +13,10 @@ use qcow2::{OpenOptions, Qcow2Image};
 pub struct TestGate;
 
 fn resolve(req: &BackingRequest<'_>) -> Result<PathBuf> {
-    let c = req.candidates.first().ok_or_else(|| Error::new(ErrorKind::BackingNotFound, "none"))?;
+    let c = req
+        .candidates
+        .first()
+        .ok_or_else(|| Error::new(ErrorKind::BackingNotFound, "none"))?;
     blockdev::resolve_relative(req.referrer, c.text())
         .ok_or_else(|| Error::new(ErrorKind::BackingDenied, "refused"))
 }
@@ -29,7 +31,10 @@ impl OpenGate for TestGate {
         match req.format.as_deref() {
             Some("raw") => Ok(Box::new(RawImage::open(Box::new(st) as Box<dyn Storage>)?)),
             _ => {
-                let opts = OpenOptions { depth: req.depth, ..OpenOptions::default() };
+                let opts = OpenOptions {
+                    depth: req.depth,
+                    ..OpenOptions::default()
+                };
                 Ok(Box::new(Qcow2Image::open(Box::new(st), self, &opts)?))
             }
         }
@@ -47,7 +52,10 @@ pub fn open(path: &Path) -> Qcow2Image {
 
 pub fn open_rw(path: &Path) -> Qcow2Image {
     let st = FileStorage::open(path, true).unwrap();
-    let opts = OpenOptions { writable: true, ..OpenOptions::default() };
+    let opts = OpenOptions {
+        writable: true,
+        ..OpenOptions::default()
+    };
     Qcow2Image::open(Box::new(st), &TestGate, &opts).unwrap()
 }
 

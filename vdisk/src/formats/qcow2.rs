@@ -45,7 +45,9 @@ fn on_off(key: &str, v: &str) -> Result<bool> {
     match v {
         "on" | "true" | "yes" | "1" => Ok(true),
         "off" | "false" | "no" | "0" => Ok(false),
-        _ => Err(Error::invalid_argument(format!("{key} must be on or off, not '{v}'"))),
+        _ => Err(Error::invalid_argument(format!(
+            "{key} must be on or off, not '{v}'"
+        ))),
     }
 }
 
@@ -60,13 +62,19 @@ fn create_options(spec: &CreateSpec<'_>) -> Result<CreateOptions> {
         o.version = match v {
             "0.10" | "v2" | "2" => 2,
             "1.1" | "v3" | "3" => 3,
-            _ => return Err(Error::invalid_argument(format!("compat must be 0.10 or 1.1, not '{v}'"))),
+            _ => {
+                return Err(Error::invalid_argument(format!(
+                    "compat must be 0.10 or 1.1, not '{v}'"
+                )))
+            }
         };
     }
     if let Some(v) = option(o_, "cluster_size") {
         let cs = parse_size(v)?;
         if !cs.is_power_of_two() || !(512..=(2 << 20)).contains(&cs) {
-            return Err(Error::invalid_argument("cluster_size must be a power of two from 512 to 2M"));
+            return Err(Error::invalid_argument(
+                "cluster_size must be a power of two from 512 to 2M",
+            ));
         }
         o.cluster_bits = cs.trailing_zeros();
     }
@@ -75,7 +83,9 @@ fn create_options(spec: &CreateSpec<'_>) -> Result<CreateOptions> {
             .parse()
             .map_err(|_| Error::invalid_argument(format!("invalid refcount_bits '{v}'")))?;
         if !b.is_power_of_two() || b > 64 {
-            return Err(Error::invalid_argument("refcount_bits must be a power of two up to 64"));
+            return Err(Error::invalid_argument(
+                "refcount_bits must be a power of two up to 64",
+            ));
         }
         o.refcount_order = b.trailing_zeros();
     }
@@ -94,7 +104,11 @@ fn create_options(spec: &CreateSpec<'_>) -> Result<CreateOptions> {
         o.compression_type = match v {
             "zlib" | "deflate" => 0,
             "zstd" => 1,
-            _ => return Err(Error::invalid_argument(format!("unknown compression_type '{v}'"))),
+            _ => {
+                return Err(Error::invalid_argument(format!(
+                    "unknown compression_type '{v}'"
+                )))
+            }
         };
     }
     if let Some(v) = option(o_, "compress") {
