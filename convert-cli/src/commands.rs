@@ -652,9 +652,6 @@ fn convert(a: ConvertArgs, cancel: &AtomicBool) -> Result<Code> {
         out_opts.push(("compress".to_string(), "on".to_string()));
     }
     check_target_capacity(out_format, size.unwrap_or(src.size()))?;
-    if a.keep_chain {
-        return Err(Error::unsupported("--keep-chain is not available yet"));
-    }
     let backing = match &a.backing {
         Some(r) => Some(vdisk::open_parent(
             &a.dst,
@@ -671,6 +668,22 @@ fn convert(a: ConvertArgs, cancel: &AtomicBool) -> Result<Code> {
     copts.verify = a.verify;
     copts.size = size;
     let mut p = Progress::new(a.progress, "convert");
+    if a.keep_chain {
+        if copts.backing.is_some() {
+            return Err(Error::invalid_argument(
+                "--keep-chain and -B cannot be combined",
+            ));
+        }
+        let layers =
+            vdisk::convert_chain(&a.src, &a.dst, &opts, &copts, Some(cancel), &mut |d, t| {
+                p.update(d, t)
+            })?;
+        p.finish(src.size());
+        for l in &layers {
+            eprintln!("{} -> {}", l.source.display(), l.output.display());
+        }
+        return Ok(Code::Ok);
+    }
     let report = vdisk::convert(src.as_ref(), &a.dst, &copts, Some(cancel), &mut |d, t| {
         p.update(d, t)
     })?;
