@@ -137,6 +137,7 @@ impl Geometry {
                 "COPIED flag on an unallocated cluster",
             ))
         } else {
+            Ok(Mapping::Unallocated)
         }
     }
 
@@ -161,10 +162,9 @@ impl Geometry {
     }
 }
 
-/// A bounded cache of L2 tables, split into shards so parallel readers rarely contend.
 type Shard = Mutex<HashMap<u64, Arc<Vec<u64>>>>;
 
-/// A bounded cache of L2 tables (see [`L2Cache::new`]).
+/// A bounded cache of L2 tables, split into shards so parallel readers rarely contend.
 pub struct L2Cache {
     shards: Vec<Shard>,
     per_shard: usize,
