@@ -115,10 +115,13 @@ impl VhdxImage {
             let img = log::read_log(&*storage, log_off, log_len, opts.limits)?;
             let sc = log::scan(&img, &h.log_guid);
             if sc.replay.is_empty() {
+                // Nothing to replay (a writer can crash after setting LogGuid and before its
+                // first entry is durable). A read-write open clears the LogGuid.
                 log_state.guid_without_entries = true;
-            } else {
-                let new_len = log::check_replay(&sc.replay, file_len, log_off, log_len)?;
-                log_state.replayed = sc.replay.len();
+            }
+            let new_len = log::check_replay(&sc.replay, file_len, log_off, log_len)?;
+            log_state.replayed = sc.replay.len();
+            {
                 if writable {
                     log::replay_to_disk(&*storage, &sc.replay, new_len)?;
                     let mut nh = current.clone();
@@ -138,18 +141,11 @@ impl VhdxImage {
                         slot = other;
                     }
                     current = nh;
-                } else {
+                } else if !sc.replay.is_empty() {
                     log_state.in_memory = true;
                     storage = Box::new(Overlay::new(storage, &sc.replay, new_len));
                 }
             }
-        }
-        if writable && log_state.guid_without_entries {
-            return Err(Error::corrupt(
-                "header.log_guid",
-                slot_off + 48,
-                "the header names a log (non-zero LogGuid) that holds no valid entry; open read-only",
-            ));
         }
         let file_len = storage.len()?;
         let log_span = (log_off, log_len);

@@ -88,7 +88,7 @@ fn pattern(size: u64, seed: u64) -> Vec<u8> {
     while i < size {
         let r = rng.next_u64();
         let len = (r % 64 + 1) * 4096;
-        if r % 5 == 0 {
+        if r.is_multiple_of(5) {
             let end = (i + len).min(size) as usize;
             rng.fill(&mut v[i as usize..end]);
         }
@@ -323,7 +323,7 @@ fn differencing_chain_writer_and_in_place() {
         vhdx::create(
             &st,
             &CreateOptions {
-                block_size: 1 * MIB,
+                block_size: MIB,
                 logical,
                 parent: Some(parent_link(&parent, ".\\base.vhdx")),
                 ..CreateOptions::default()

@@ -100,3 +100,50 @@ pub fn open_mem(data: Vec<u8>, writable: bool) -> Result<VhdxImage> {
         0,
     )
 }
+
+/// A gate that opens one in-memory VHDX parent, whatever the candidates.
+pub struct MemGate {
+    pub parent: Vec<u8>,
+}
+
+impl OpenGate for MemGate {
+    fn open_backing(&self, req: &BackingRequest<'_>) -> Result<Box<dyn BlockDevice>> {
+        let img = open_with(
+            Box::new(blockdev::MemStorage::read_only(self.parent.clone())),
+            false,
+            &DirGate::new(),
+            req.depth,
+        )?;
+        Ok(Box::new(img))
+    }
+
+    fn open_data_file(&self, _req: &BackingRequest<'_>, _w: bool) -> Result<Box<dyn Storage>> {
+        Err(Error::unsupported("no data files"))
+    }
+}
+
+/// Creates an image in memory.
+pub fn create_mem(opts: &vhdx::CreateOptions) -> Vec<u8> {
+    let m = blockdev::MemStorage::new();
+    vhdx::create(&m, opts).unwrap();
+    m.to_vec()
+}
+
+/// Reads the whole guest content.
+pub fn read_all(dev: &dyn BlockDevice) -> Vec<u8> {
+    let mut v = vec![0u8; dev.size() as usize];
+    dev.read_at(&mut v, 0).unwrap();
+    v
+}
+
+/// The parent link of an in-memory parent image.
+pub fn link_of(parent: &VhdxImage) -> vhdx::create::ParentLink {
+    vhdx::create::ParentLink {
+        data_write_guid: parent.data_write_guid(),
+        disk_id: parent.disk_id(),
+        size: parent.size(),
+        logical: parent.sector_sizes().logical,
+        relative_path: ".\\parent.vhdx".into(),
+        absolute_win32_path: "C:\\vms\\parent.vhdx".into(),
+    }
+}

@@ -1,0 +1,234 @@
+//! Crash at every single write and flush of a scenario: the reopened image must hold the old
+//! or the new state (a prefix of the scenario's writes), and check must find no corruption.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+mod common;
+
+use std::sync::Arc;
+
+use blockdev::testkit::CrashStorage;
+use blockdev::{BlockDevice, OpenGate, Result};
+use common::{create_mem, link_of, open_with, read_all, DirGate, MemGate};
+use vhdx::{CreateOptions, VhdxImage};
+
+const MIB: u64 = 1 << 20;
+
+#[derive(Clone)]
+enum Op {
+    Write(u64, Vec<u8>),
+    Zero(u64, u64),
+}
+
+fn apply_model(model: &mut [u8], op: &Op) {
+    match op {
+        Op::Write(off, d) => model[*off as usize..*off as usize + d.len()].copy_from_slice(d),
+        Op::Zero(off, len) => model[*off as usize..(*off + *len) as usize].fill(0),
+    }
+}
+
+fn run_ops(img: &VhdxImage, ops: &[Op]) -> Result<()> {
+    for op in ops {
+        match op {
+            Op::Write(off, d) => img.write_at(d, *off)?,
+            Op::Zero(off, len) => img.write_zeroes(*off, *len, true)?,
+        }
+    }
+    img.flush()
+}
+
+fn fill(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31) ^ seed | 1)
+        .collect()
+}
+
+/// Runs the scenario with a crash after every operation count and checks each outcome.
+fn crash_everywhere(base: Vec<u8>, gate: &dyn OpenGate, ops: &[Op]) -> Vec<Vec<u8>> {
+    let initial = read_all(
+        &open_with(
+            Box::new(blockdev::MemStorage::from_vec(base.clone())),
+            false,
+            gate,
+            0,
+        )
+        .unwrap(),
+    );
+    let mut states = vec![initial.clone()];
+    let mut m = initial;
+    for op in ops {
+        apply_model(&mut m, op);
+        states.push(m.clone());
+    }
+    // Count the operations of a full run (open, scenario, close).
+    let total = {
+        let cs = Arc::new(CrashStorage::new(base.clone(), None));
+        let img = open_with(Box::new(cs.clone()), true, gate, 0).unwrap();
+        run_ops(&img, ops).unwrap();
+        drop(img);
+        assert_eq!(
+            read_all(&open_with(Box::new(cs.crash_image()), false, gate, 0).unwrap()),
+            *states.last().unwrap()
+        );
+        cs.ops()
+    };
+    assert!(total > 5, "scenario too small: {total}");
+    let mut dirty_images = Vec::new();
+    for k in 0..=total {
+        let cs = Arc::new(CrashStorage::new(base.clone(), Some(k)));
+        if let Ok(img) = open_with(Box::new(cs.clone()), true, gate, 0) {
+            let _ = run_ops(&img, ops);
+            drop(img);
+        }
+        let after = cs.crash_image().to_vec();
+        // Read-only open: replays in memory, never writes.
+        let ro = open_with(
+            Box::new(blockdev::MemStorage::read_only(after.clone())),
+            false,
+            gate,
+            0,
+        )
+        .unwrap_or_else(|e| panic!("crash after {k} ops: read-only open failed: {e}"));
+        let ro_content = read_all(&ro);
+        if ro.log_state().in_memory {
+            dirty_images.push(after.clone());
+        }
+        drop(ro);
+        // Read-write open: replays to disk.
+        let rw = open_with(
+            Box::new(blockdev::MemStorage::from_vec(after)),
+            true,
+            gate,
+            0,
+        )
+        .unwrap_or_else(|e| panic!("crash after {k} ops: open failed: {e}"));
+        let content = read_all(&rw);
+        assert_eq!(
+            content, ro_content,
+            "crash after {k}: overlay and replay differ"
+        );
+        assert!(
+            states.contains(&content),
+            "crash after {k} of {total} ops: content is neither old nor new"
+        );
+        let rep = rw.check().unwrap();
+        assert_eq!(rep.corruptions(), 0, "crash after {k}: {:?}", rep.findings);
+    }
+    dirty_images
+}
+
+#[test]
+fn crash_block_allocation_dynamic() {
+    let base = create_mem(&CreateOptions {
+        size: 16 * MIB,
+        block_size: MIB,
+        ..CreateOptions::default()
+    });
+    let ops = vec![
+        Op::Write(MIB + 4096, fill(8192, 1)),
+        Op::Write(MIB + 65536, fill(4096, 2)),
+        Op::Write(5 * MIB, fill(MIB as usize, 3)),
+        Op::Zero(5 * MIB, MIB),
+        Op::Zero(MIB + 4096, 512),
+        Op::Write(15 * MIB + 512, fill(1024, 4)),
+    ];
+    let dirty = crash_everywhere(base, &DirGate::new(), &ops);
+    assert!(!dirty.is_empty(), "no crash point left a dirty log");
+}
+
+#[test]
+fn crash_differencing_writes() {
+    let size = 8 * MIB;
+    let pbytes = {
+        let m = Arc::new(blockdev::MemStorage::new());
+        vhdx::create(
+            &*m,
+            &CreateOptions {
+                size,
+                block_size: MIB,
+                ..CreateOptions::default()
+            },
+        )
+        .unwrap();
+        let p = open_with(Box::new(m.clone()), true, &DirGate::new(), 0).unwrap();
+        p.write_at(&fill(size as usize, 9), 0).unwrap();
+        p.flush().unwrap();
+        drop(p);
+        m.to_vec()
+    };
+    let parent = open_with(
+        Box::new(blockdev::MemStorage::read_only(pbytes.clone())),
+        false,
+        &DirGate::new(),
+        0,
+    )
+    .unwrap();
+    let child = create_mem(&CreateOptions {
+        block_size: MIB,
+        parent: Some(link_of(&parent)),
+        ..CreateOptions::default()
+    });
+    let gate = MemGate { parent: pbytes };
+    let ops = vec![
+        Op::Write(2 * MIB + 512, fill(1024, 5)),
+        Op::Write(2 * MIB + 8192, fill(4096, 6)),
+        Op::Write(3 * MIB, fill(MIB as usize, 7)),
+        Op::Zero(4 * MIB + 4096, 4096),
+        Op::Zero(6 * MIB, MIB),
+    ];
+    crash_everywhere(child, &gate, &ops);
+}
+
+#[test]
+fn crash_during_log_replay() {
+    let base = create_mem(&CreateOptions {
+        size: 16 * MIB,
+        block_size: MIB,
+        ..CreateOptions::default()
+    });
+    let ops = vec![
+        Op::Write(3 * MIB, fill(4096, 8)),
+        Op::Write(9 * MIB, fill(4096, 9)),
+    ];
+    let dirty = crash_everywhere(base, &DirGate::new(), &ops);
+    let gate = DirGate::new();
+    for img in dirty {
+        let expect = read_all(
+            &open_with(
+                Box::new(blockdev::MemStorage::read_only(img.clone())),
+                false,
+                &gate,
+                0,
+            )
+            .unwrap(),
+        );
+        let total = {
+            let cs = Arc::new(CrashStorage::new(img.clone(), None));
+            drop(open_with(Box::new(cs.clone()), true, &gate, 0).unwrap());
+            cs.ops()
+        };
+        assert!(total >= 3);
+        for k in 0..=total {
+            let cs = Arc::new(CrashStorage::new(img.clone(), Some(k)));
+            let _ = open_with(Box::new(cs.clone()), true, &gate, 0).map(drop);
+            let after = cs.crash_image().to_vec();
+            let rw = open_with(
+                Box::new(blockdev::MemStorage::from_vec(after)),
+                true,
+                &gate,
+                0,
+            )
+            .unwrap();
+            assert_eq!(
+                read_all(&rw),
+                expect,
+                "replay crashed after {k} of {total} ops"
+            );
+            assert_eq!(rw.check().unwrap().corruptions(), 0);
+        }
+    }
+}

@@ -1,0 +1,161 @@
+//! Model-based property test: random writes, zero ranges, flushes and reopens against a
+//! `Vec<u8>` reference disk, for dynamic and differencing images, 512 and 4096-byte sectors.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+mod common;
+
+use std::sync::Arc;
+
+use blockdev::{BlockDevice, ExtentKind, MemStorage, OpenGate};
+use common::{create_mem, link_of, open_with, read_all, DirGate, MemGate};
+use proptest::prelude::*;
+use vhdx::CreateOptions;
+
+const MIB: u64 = 1 << 20;
+const SIZE: u64 = 6 * MIB;
+
+#[derive(Debug, Clone)]
+enum Op {
+    Write { sector: u64, count: u64, seed: u8 },
+    Zero { sector: u64, count: u64 },
+    Flush,
+    Reopen,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (0u64..1536, 1u64..700, any::<u8>()).prop_map(|(sector, count, seed)| Op::Write { sector, count, seed }),
+        2 => (0u64..1536, 1u64..2100).prop_map(|(sector, count)| Op::Zero { sector, count }),
+        1 => Just(Op::Flush),
+        1 => Just(Op::Reopen),
+    ]
+}
+
+fn run(ops: &[Op], logical: u64, diff: bool) {
+    let block = MIB;
+    let (bytes, gate, mut model): (Vec<u8>, Box<dyn OpenGate>, Vec<u8>) = if diff {
+        let m = Arc::new(MemStorage::new());
+        vhdx::create(
+            &*m,
+            &CreateOptions {
+                size: SIZE,
+                block_size: block,
+                logical: logical as u32,
+                ..CreateOptions::default()
+            },
+        )
+        .unwrap();
+        let p = open_with(Box::new(m.clone()), true, &DirGate::new(), 0).unwrap();
+        let pdata: Vec<u8> = (0..SIZE).map(|i| (i / 512) as u8 | 0x80).collect();
+        p.write_at(&pdata[..(4 * MIB) as usize], MIB).unwrap();
+        p.flush().unwrap();
+        let model = read_all(&p);
+        drop(p);
+        let pbytes = m.to_vec();
+        let parent = open_with(
+            Box::new(MemStorage::read_only(pbytes.clone())),
+            false,
+            &DirGate::new(),
+            0,
+        )
+        .unwrap();
+        let child = create_mem(&CreateOptions {
+            block_size: block,
+            logical: logical as u32,
+            parent: Some(link_of(&parent)),
+            ..CreateOptions::default()
+        });
+        (child, Box::new(MemGate { parent: pbytes }), model)
+    } else {
+        let b = create_mem(&CreateOptions {
+            size: SIZE,
+            block_size: block,
+            logical: logical as u32,
+            ..CreateOptions::default()
+        });
+        (b, Box::new(DirGate::new()), vec![0u8; SIZE as usize])
+    };
+    let store = Arc::new(MemStorage::from_vec(bytes));
+    let mut img = open_with(Box::new(store.clone()), true, &*gate, 0).unwrap();
+    let sectors = SIZE / logical;
+    for op in ops {
+        match op {
+            Op::Write {
+                sector,
+                count,
+                seed,
+            } => {
+                let s = sector % sectors;
+                let c = (*count).min(sectors - s);
+                let data: Vec<u8> = (0..c * logical)
+                    .map(|i| (i as u8).wrapping_add(*seed) | 1)
+                    .collect();
+                img.write_at(&data, s * logical).unwrap();
+                model[(s * logical) as usize..((s + c) * logical) as usize].copy_from_slice(&data);
+            }
+            Op::Zero { sector, count } => {
+                let s = sector % sectors;
+                let c = (*count).min(sectors - s);
+                img.write_zeroes(s * logical, c * logical, true).unwrap();
+                model[(s * logical) as usize..((s + c) * logical) as usize].fill(0);
+            }
+            Op::Flush => img.flush().unwrap(),
+            Op::Reopen => {
+                drop(img);
+                img = open_with(Box::new(store.clone()), true, &*gate, 0).unwrap();
+            }
+        }
+        assert_eq!(read_all(&img), model);
+    }
+    // block_status: extents tile the disk and Data extents read the model.
+    let mut off = 0;
+    while off < SIZE {
+        let e = img.block_status(off, SIZE - off).unwrap();
+        assert_eq!(e.offset, off);
+        if e.kind == ExtentKind::Zero {
+            assert!(model[off as usize..(off + e.len) as usize]
+                .iter()
+                .all(|&b| b == 0));
+        }
+        off += e.len;
+    }
+    img.flush().unwrap();
+    assert_eq!(img.check().unwrap().corruptions(), 0);
+    drop(img);
+    let ro = open_with(
+        Box::new(MemStorage::read_only(store.to_vec())),
+        false,
+        &*gate,
+        0,
+    )
+    .unwrap();
+    assert!(
+        ro.log_state().log_guid.is_zero(),
+        "flush leaves an empty log"
+    );
+    assert_eq!(read_all(&ro), model);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    #[test]
+    fn dynamic_512(ops in proptest::collection::vec(op(), 1..12)) {
+        run(&ops, 512, false);
+    }
+
+    #[test]
+    fn differencing_512(ops in proptest::collection::vec(op(), 1..12)) {
+        run(&ops, 512, true);
+    }
+
+    #[test]
+    fn differencing_4096(ops in proptest::collection::vec(op(), 1..10)) {
+        run(&ops, 4096, true);
+    }
+}
