@@ -1,0 +1,237 @@
+//! In-place writes on dynamic and differencing disks against a byte model, with reopen.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+mod common;
+
+use std::sync::Arc;
+
+use blockdev::{
+    BackingRequest, BlockDevice, DenyGate, Error, ErrorKind, ExtentKind, ImageWriter, Limits,
+    MemStorage, OpenGate, Result, Storage,
+};
+use common::params;
+use proptest::prelude::*;
+use testsupport::TestRng;
+use vhd::format::{bitmap_size, Footer};
+use vhd::{create, CreateOptions, Dialect, ParentLink, VhdImage, VhdWriter};
+
+const SIZE: u64 = (5 << 20) + 3 * 512;
+const BS: u32 = 1 << 20;
+
+/// Opens a parent held in memory.
+struct MemGate(Arc<MemStorage>);
+
+impl OpenGate for MemGate {
+    fn open_backing(&self, req: &BackingRequest<'_>) -> Result<Box<dyn BlockDevice>> {
+        assert!(req.candidates.iter().any(|c| c.text().contains("base.vhd")));
+        let mut p = params(&DenyGate, false, None);
+        p.depth = req.depth;
+        Ok(Box::new(VhdImage::open(Box::new(self.0.clone()), &p)?))
+    }
+    fn open_data_file(&self, _r: &BackingRequest<'_>, _w: bool) -> Result<Box<dyn Storage>> {
+        Err(Error::new(ErrorKind::BackingDenied, "no"))
+    }
+}
+
+fn parent_image(dialect: Dialect) -> (Arc<MemStorage>, Vec<u8>) {
+    let m = Arc::new(MemStorage::new());
+    let mut o = CreateOptions::dynamic(SIZE);
+    o.block_size = BS;
+    o.dialect = dialect;
+    let mut w = Box::new(VhdWriter::new(Box::new(m.clone()), &o, &Limits::default()).unwrap());
+    let mut data = vec![0u8; SIZE as usize];
+    let mut rng = TestRng::new(99);
+    // Data in blocks 0, 2 and the partial last block; block 1, 3 absent.
+    for r in [
+        0..(1 << 20),
+        (2 << 20)..(3 << 20) - 4096,
+        (5 << 20)..SIZE as usize,
+    ] {
+        rng.fill(&mut data[r.clone()]);
+        w.write_data(r.start as u64, &data[r]).unwrap();
+    }
+    w.finish().unwrap();
+    (m, data)
+}
+
+fn new_child(parent: &Arc<MemStorage>, dialect: Dialect) -> Arc<MemStorage> {
+    let p = VhdImage::open(Box::new(parent.clone()), &params(&DenyGate, false, None)).unwrap();
+    let mut link =
+        ParentLink::new(&p, std::path::Path::new("/nonexistent/base.vhd"), None).unwrap();
+    link.relative = "base.vhd".into();
+    let m = Arc::new(MemStorage::new());
+    let mut o = CreateOptions::dynamic(SIZE);
+    o.block_size = BS;
+    o.dialect = dialect;
+    o.parent = Some(link);
+    create(m.as_ref(), &o).unwrap();
+    m
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Write(u64, usize, u64),
+    Zero(u64, u64),
+    Flush,
+    Reopen,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (0..SIZE, 1usize..300_000, any::<u64>()).prop_map(|(o, l, s)| Op::Write(o, l, s)),
+        2 => (0..SIZE, 1u64..2_500_000).prop_map(|(o, l)| Op::Zero(o, l)),
+        1 => Just(Op::Flush),
+        1 => Just(Op::Reopen),
+    ]
+}
+
+fn open_rw(st: &Arc<MemStorage>, gate: &dyn OpenGate) -> VhdImage {
+    VhdImage::open(Box::new(st.clone()), &params(gate, true, None)).unwrap()
+}
+
+fn verify(img: &VhdImage, model: &[u8]) {
+    let mut got = vec![0u8; model.len()];
+    img.read_at(&mut got, 0).unwrap();
+    assert!(got == model, "content differs from the model");
+    let rep = img.check().unwrap();
+    assert_eq!(rep.corruptions() + rep.leaks(), 0, "{:?}", rep.findings);
+    // block_status covers the disk exactly.
+    let mut off = 0;
+    while off < img.size() {
+        let e = img.block_status(off, u64::MAX).unwrap();
+        assert!(e.len > 0 && e.offset == off);
+        off += e.len;
+    }
+}
+
+fn run(ops: &[Op], differencing: bool, dialect: Dialect) {
+    let (st, mut model, gate): (Arc<MemStorage>, Vec<u8>, Box<dyn OpenGate>) = if differencing {
+        let (p, data) = parent_image(Dialect::Standard);
+        (new_child(&p, dialect), data, Box::new(MemGate(p)))
+    } else {
+        let m = Arc::new(MemStorage::new());
+        let mut o = CreateOptions::dynamic(SIZE);
+        o.block_size = BS;
+        o.dialect = dialect;
+        create(m.as_ref(), &o).unwrap();
+        (m, vec![0u8; SIZE as usize], Box::new(DenyGate))
+    };
+    let mut img = open_rw(&st, gate.as_ref());
+    for op in ops {
+        match *op {
+            Op::Write(off, len, seed) => {
+                let len = (len as u64).min(SIZE - off) as usize;
+                let mut buf = vec![0u8; len];
+                TestRng::new(seed).fill(&mut buf);
+                img.write_at(&buf, off).unwrap();
+                model[off as usize..off as usize + len].copy_from_slice(&buf);
+            }
+            Op::Zero(off, len) => {
+                let len = len.min(SIZE - off);
+                img.write_zeroes(off, len, false).unwrap();
+                model[off as usize..(off + len) as usize].fill(0);
+            }
+            Op::Flush => img.flush().unwrap(),
+            Op::Reopen => {
+                img.flush().unwrap();
+                drop(img);
+                img = open_rw(&st, gate.as_ref());
+                verify(&img, &model);
+            }
+        }
+    }
+    verify(&img, &model);
+    drop(img);
+    // The footer copy at 0 stays identical to the trailing footer.
+    let bytes = st.to_vec();
+    assert_eq!(bytes[..512], bytes[bytes.len() - 512..]);
+    let img = VhdImage::open(Box::new(st.clone()), &params(gate.as_ref(), false, None)).unwrap();
+    verify(&img, &model);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn dynamic_matches_model(ops in proptest::collection::vec(op(), 1..10)) {
+        run(&ops, false, Dialect::Standard);
+    }
+
+    #[test]
+    fn differencing_matches_model(ops in proptest::collection::vec(op(), 1..10)) {
+        run(&ops, true, Dialect::Standard);
+    }
+
+    #[test]
+    fn xen_differencing_matches_model(ops in proptest::collection::vec(op(), 1..6)) {
+        run(&ops, true, Dialect::Xen);
+    }
+}
+
+#[test]
+fn zero_write_over_parent_data_is_recorded() {
+    let (p, data) = parent_image(Dialect::Standard);
+    let child = new_child(&p, Dialect::Standard);
+    let gate = MemGate(p);
+    let img = open_rw(&child, &gate);
+    img.write_zeroes(4096, 8192, true).unwrap();
+    let e = img.block_status(0, u64::MAX).unwrap();
+    assert_eq!((e.kind, e.len), (ExtentKind::Unallocated, 4096));
+    let e = img.block_status(4096, u64::MAX).unwrap();
+    assert_eq!((e.kind, e.len), (ExtentKind::Data, 8192));
+    drop(img);
+    let img = VhdImage::open(Box::new(child), &params(&gate, false, None)).unwrap();
+    let mut buf = vec![1u8; 16384];
+    img.read_at(&mut buf, 0).unwrap();
+    assert_eq!(&buf[..4096], &data[..4096]);
+    assert!(buf[4096..12288].iter().all(|&b| b == 0));
+    assert_eq!(&buf[12288..], &data[12288..16384]);
+}
+
+#[test]
+fn differencing_clear_bits_read_parent_and_lsb_order() {
+    let (p, data) = parent_image(Dialect::Standard);
+    let child = new_child(&p, Dialect::Standard);
+    let gate = MemGate(p);
+    let img = open_rw(&child, &gate);
+    img.write_at(&[0xEE; 512], 512).unwrap();
+    drop(img);
+    let mut v = child.to_vec();
+    let bat0 = u32::from_be_bytes(v[1536..1540].try_into().unwrap()) as usize * 512;
+    // MSB-first: sector 1 is bit 6 of byte 0.
+    assert_eq!(v[bat0], 0x40);
+    let check = |v: Vec<u8>, expect_child: bool| {
+        let img = VhdImage::open(
+            Box::new(MemStorage::from_vec(v)),
+            &params(&gate, false, None),
+        )
+        .unwrap();
+        let mut buf = vec![0u8; 1024];
+        img.read_at(&mut buf, 0).unwrap();
+        assert_eq!(&buf[..512], &data[..512]);
+        if expect_child {
+            assert_eq!(&buf[512..], &[0xEE; 512]);
+        } else {
+            assert_eq!(&buf[512..], &data[512..1024]);
+        }
+    };
+    check(v.clone(), true);
+    // An old Xen image (creator tap, version 0.1) reads bits LSB-first: bit 6 of byte 0 is
+    // then sector 6, so sector 1 comes from the parent.
+    let n = v.len();
+    let mut f = Footer::parse(v[n - 512..].try_into().unwrap());
+    f.creator_app = *b"tap\0";
+    f.creator_version = 1;
+    let fb = f.to_bytes();
+    v[n - 512..].copy_from_slice(&fb);
+    v[..512].copy_from_slice(&fb);
+    check(v.clone(), false);
+    v[bat0] = 0x02;
+    check(v, true);
+    assert_eq!(bitmap_size(BS), 512);
+}
