@@ -210,7 +210,7 @@ fn x06_log_location() {
 
 /// Writes a log entry that rewrites the BAT sector (block 2 takes block 5's host block, block 5
 /// becomes ZERO) and sets the LogGuid of both headers.
-fn dirty(v: &mut Vec<u8>, mutate: impl Fn(&mut Vec<u8>)) {
+fn dirty(v: &mut [u8], mutate: impl Fn(&mut Vec<u8>)) {
     let guid = Guid([0x42; 16]);
     let mut sector = v[BAT..BAT + 4096].to_vec();
     // Block 2 -> the host block of block 5 (same data visible twice).
@@ -260,7 +260,8 @@ fn x07_dirty_log_read_only_overlay() {
 
 #[test]
 fn x08_invalid_log_entries_are_skipped() {
-    let muts: Vec<(&str, Box<dyn Fn(&mut Vec<u8>)>)> = vec![
+    type Mutation = Box<dyn Fn(&mut Vec<u8>)>;
+    let muts: Vec<(&str, Mutation)> = vec![
         ("bad crc", Box::new(|e: &mut Vec<u8>| e[100] ^= 1)),
         (
             "length not 4k",
