@@ -156,6 +156,7 @@ impl Qcow2Image {
         // External data file, only through the gate.
         let data_file = if data_file_flag {
             let name = header.data_file.clone().unwrap_or_default();
+            refuse_protocol(&name, "data_file")?;
             let req = BackingRequest {
                 referrer: path.as_deref(),
                 candidates: vec![candidate_for(&name)],
@@ -182,6 +183,8 @@ impl Qcow2Image {
             };
             if gate.skip_backing() {
                 backing_missing = true;
+            } else if let Err(e) = refuse_protocol(&name, "backing_file") {
+                return Err(e);
             } else {
                 let req = BackingRequest {
                     referrer: path.as_deref(),
@@ -571,6 +574,21 @@ impl Qcow2Image {
 
 pub(crate) fn poisoned() -> Error {
     Error::new(ErrorKind::Io, "qcow2 lock poisoned")
+}
+
+/// Protocol and `json:` references are never handed to a gate (CVE-2024-4467).
+fn refuse_protocol(name: &str, field: &str) -> Result<()> {
+    if name.is_empty() || name.contains('\0') || blockdev::has_protocol_prefix(name) {
+        return Err(Error::new(
+            ErrorKind::BackingDenied,
+            format!(
+                "{field} '{}' is a protocol, JSON or invalid reference: refused",
+                name.escape_debug()
+            ),
+        )
+        .with_field(field));
+    }
+    Ok(())
 }
 
 pub(crate) fn candidate_for(name: &str) -> Candidate {

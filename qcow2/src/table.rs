@@ -151,6 +151,13 @@ impl Geometry {
             ));
         }
         let off = e & OFFSET_MASK;
+        if off == 0 && e & OFLAG_COPIED != 0 {
+            return Err(Error::corrupt(
+                field,
+                at,
+                "COPIED flag on an unallocated L1 entry",
+            ));
+        }
         if !off.is_multiple_of(self.cs()) {
             return Err(Error::corrupt(
                 field,
