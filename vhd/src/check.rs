@@ -98,7 +98,14 @@ pub(crate) fn check(img: &VhdImage) -> Result<CheckReport> {
         .state
         .read()
         .map_err(|_| blockdev::Error::new(blockdev::ErrorKind::Io, "lock poisoned"))?;
-    for (blk, why) in &s.bad {
+    // Re-validate the BAT as it is now (in-place writes may have changed it).
+    let data_limit = if fi.source == FooterSource::Trailing {
+        len.saturating_sub(FOOTER_SIZE)
+    } else {
+        len
+    };
+    let v = crate::bat::table::validate(&s.bat, d.bitmap_size + d.block_size, &d.meta, data_limit);
+    for (blk, why) in &v.bad {
         r.add(
             Severity::Corruption,
             &format!("bat_entry[{blk}]"),
@@ -106,7 +113,7 @@ pub(crate) fn check(img: &VhdImage) -> Result<CheckReport> {
             why.clone(),
         );
     }
-    for &(start, glen) in &d.gaps {
+    for &(start, glen) in &v.gaps {
         r.add(
             Severity::Leak,
             "unreferenced",
@@ -118,7 +125,7 @@ pub(crate) fn check(img: &VhdImage) -> Result<CheckReport> {
     let spb = d.block_size / SECTOR;
     let mut allocated = 0u64;
     for (i, &e) in s.bat.iter().enumerate() {
-        if e == BAT_UNUSED || s.bad.contains_key(&(i as u64)) {
+        if e == BAT_UNUSED || v.bad.contains_key(&(i as u64)) {
             continue;
         }
         allocated += 1;

@@ -57,9 +57,11 @@ impl ParentLink {
             Error::invalid_argument("the parent of a differencing VHD must be a VHD image")
         })?;
         let abs = absolute(parent_path);
-        let child_dir = child_path
-            .map(absolute)
-            .and_then(|c| c.parent().map(Path::to_path_buf));
+        let child_dir = child_path.map(absolute).and_then(|c| {
+            c.parent()
+                .map(|d| d.canonicalize().unwrap_or_else(|_| d.to_path_buf()))
+        });
+        let abs = abs.canonicalize().unwrap_or(abs);
         let relative = match child_dir {
             Some(dir) => relative_path(&dir, &abs),
             None => abs

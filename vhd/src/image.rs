@@ -56,10 +56,10 @@ pub(crate) struct Dyn {
     pub block_size: u64,
     pub bitmap_size: u64,
     pub lsb_bitmaps: bool,
+    pub meta: Vec<Region>,
     pub batmap_header: Option<(u64, BatmapHeader)>,
     pub batmap_valid: bool,
     pub state: RwLock<DynState>,
-    pub gaps: Vec<(u64, u64)>,
 }
 
 /// An open VHD image (fixed, dynamic or differencing).
@@ -292,11 +292,7 @@ impl VhdImage {
             }
         }
         let bm = bitmap_size(h.block_size);
-        let Validation {
-            bad,
-            next_free: _,
-            gaps,
-        } = table::validate(&bat, bm + bs, &meta, end_limit);
+        let Validation { bad, .. } = table::validate(&bat, bm + bs, &meta, end_limit);
         if writable {
             if let Some((blk, why)) = bad.iter().next() {
                 return Err(Error::corrupt(
@@ -314,6 +310,7 @@ impl VhdImage {
             block_size: bs,
             bitmap_size: bm,
             lsb_bitmaps,
+            meta,
             batmap_header,
             batmap_valid,
             state: RwLock::new(DynState {
@@ -322,7 +319,6 @@ impl VhdImage {
                 alloc_at,
                 batmap: if batmap_valid { batmap } else { None },
             }),
-            gaps,
         });
         if fi.kind == DiskType::Differencing {
             image.open_parent(params)?;
@@ -904,11 +900,10 @@ impl BlockDevice for VhdImage {
                     .collect();
                 info.set("parent_locators", Value::Array(locs));
                 info.backing = Some(BackingInfo {
-                    reference: self
-                        .locators
-                        .iter()
-                        .find_map(|l| l.path.clone())
-                        .unwrap_or_else(|| h.parent_name.clone()),
+                    reference: parent_candidates(&self.locators, &h.parent_name)
+                        .first()
+                        .map(|c| c.text().to_string())
+                        .unwrap_or_default(),
                     format: Some("vhd".into()),
                     resolved_path: self.parent_resolved.clone(),
                     resolved: self.parent.is_some(),

@@ -158,7 +158,8 @@ impl VhdWriter {
 impl ImageWriter for VhdWriter {
     fn granularity(&self) -> u64 {
         if self.fixed() {
-            SECTOR
+            // Unwritten parts of a fixed image stay holes: skip zero runs of a page.
+            4096
         } else {
             self.layout.block_size
         }

@@ -141,6 +141,9 @@ fn convert_dynamic_fixed_xen_compare_with_qemu() {
         assert_eq!(vhdiinfo_size(&out), Some(size));
         let img = open_path(&out, false).unwrap();
         assert_eq!(sha256_device(&img), sha256_file(&raw_path), "{name}");
+        if let Some(sha) = pyvhdi_sha(&out, None) {
+            assert_eq!(sha, sha256_file(&raw_path), "pyvhdi {name}");
+        }
         let rep = img.check().unwrap();
         assert_eq!(
             rep.corruptions() + rep.leaks(),
@@ -157,15 +160,22 @@ fn convert_dynamic_fixed_xen_compare_with_qemu() {
     }
 }
 
+/// A python3 that has Debian's pyvhdi module (the system one, not a pyenv shim).
+fn python_with_pyvhdi() -> Option<&'static str> {
+    ["/usr/bin/python3", "python3"].into_iter().find(|py| {
+        Command::new(py)
+            .args(["-c", "import pyvhdi"])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    })
+}
+
 fn pyvhdi_sha(child: &Path, parent: Option<&Path>) -> Option<String> {
-    let probe = Command::new("python3")
-        .args(["-c", "import pyvhdi"])
-        .output()
-        .ok()?;
-    if !probe.status.success() {
+    let Some(py) = python_with_pyvhdi() else {
         eprintln!("skipped pyvhdi check: python3-libvhdi is not installed");
         return None;
-    }
+    };
     let script = r#"
 import hashlib, sys, pyvhdi
 f = pyvhdi.file()
@@ -183,7 +193,7 @@ while off < size:
     off += n
 print(h.hexdigest())
 "#;
-    let mut cmd = Command::new("python3");
+    let mut cmd = Command::new(py);
     cmd.args(["-c", script]).arg(child);
     if let Some(p) = parent {
         cmd.arg(p);

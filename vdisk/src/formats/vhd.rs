@@ -76,7 +76,16 @@ fn options(spec: &CreateSpec<'_>) -> Result<CreateOptions> {
     };
     let parent = match spec.parent {
         None => None,
-        Some(p) => Some(ParentLink::new(p.device.as_ref(), &p.path, spec.path)?),
+        Some(p) => {
+            let mut link = ParentLink::new(p.device.as_ref(), &p.path, spec.path)?;
+            // A relative reference as the user gave it is relative to the new image's
+            // directory: exactly what the W2ru locator records.
+            let reference = std::path::Path::new(&p.reference);
+            if !p.reference.is_empty() && reference.is_relative() {
+                link.relative = p.reference.replace('\\', "/");
+            }
+            Some(link)
+        }
     };
     Ok(CreateOptions {
         size: spec.size,
