@@ -10,11 +10,8 @@ mod common;
 
 use std::sync::Arc;
 
-use blockdev::{
-    BackingRequest, BlockDevice, DenyGate, Error, ErrorKind, ExtentKind, ImageWriter, Limits,
-    MemStorage, OpenGate, Result, Storage,
-};
-use common::params;
+use blockdev::{BlockDevice, DenyGate, ExtentKind, ImageWriter, Limits, MemStorage, OpenGate};
+use common::{params, MemGate};
 use proptest::prelude::*;
 use testsupport::TestRng;
 use vhd::format::{bitmap_size, Footer};
@@ -22,21 +19,6 @@ use vhd::{create, CreateOptions, Dialect, ParentLink, VhdImage, VhdWriter};
 
 const SIZE: u64 = (5 << 20) + 3 * 512;
 const BS: u32 = 1 << 20;
-
-/// Opens a parent held in memory.
-struct MemGate(Arc<MemStorage>);
-
-impl OpenGate for MemGate {
-    fn open_backing(&self, req: &BackingRequest<'_>) -> Result<Box<dyn BlockDevice>> {
-        assert!(req.candidates.iter().any(|c| c.text().contains("base.vhd")));
-        let mut p = params(&DenyGate, false, None);
-        p.depth = req.depth;
-        Ok(Box::new(VhdImage::open(Box::new(self.0.clone()), &p)?))
-    }
-    fn open_data_file(&self, _r: &BackingRequest<'_>, _w: bool) -> Result<Box<dyn Storage>> {
-        Err(Error::new(ErrorKind::BackingDenied, "no"))
-    }
-}
 
 fn parent_image(dialect: Dialect) -> (Arc<MemStorage>, Vec<u8>) {
     let m = Arc::new(MemStorage::new());

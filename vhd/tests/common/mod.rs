@@ -94,3 +94,18 @@ pub fn open_mem(bytes: Vec<u8>, writable: bool) -> Result<VhdImage> {
         &params(&DenyGate, writable, None),
     )
 }
+
+/// Opens a parent held in memory (any candidate naming `base.vhd`).
+pub struct MemGate(pub std::sync::Arc<MemStorage>);
+
+impl OpenGate for MemGate {
+    fn open_backing(&self, req: &BackingRequest<'_>) -> Result<Box<dyn BlockDevice>> {
+        assert!(req.candidates.iter().any(|c| c.text().contains("base.vhd")));
+        let mut p = params(&DenyGate, false, None);
+        p.depth = req.depth;
+        Ok(Box::new(VhdImage::open(Box::new(self.0.clone()), &p)?))
+    }
+    fn open_data_file(&self, _r: &BackingRequest<'_>, _w: bool) -> Result<Box<dyn Storage>> {
+        Err(Error::new(ErrorKind::BackingDenied, "no"))
+    }
+}
