@@ -6,7 +6,7 @@ use std::sync::{Mutex, RwLock};
 
 use blockdev::{
     check_range, is_zero, try_alloc, BackingInfo, BackingRequest, BlockDevice, CheckReport, Error,
-    ErrorKind, Extent, ExtentKind, ImageInfo, Limits, OpenGate, Result, Storage,
+    ErrorKind, Extent, ExtentKind, ImageInfo, Limits, OpenGate, Result, Storage, StorageRegion,
 };
 use serde_json::{json, Value};
 
@@ -376,6 +376,25 @@ impl VhdImage {
         }
         if let Some(p) = parent.as_any().downcast_ref::<VhdImage>() {
             self.parent_resolved = p.storage.path().map(|x| x.display().to_string());
+            // Windows records 0; a recorded time that differs from the parent's is only
+            // worth a warning (the UUID is the identity).
+            let ts = d.header.parent_timestamp;
+            let mtime = p
+                .storage
+                .path()
+                .and_then(|x| std::fs::metadata(x).ok())
+                .and_then(|m| m.modified().ok())
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|t| t.as_secs().saturating_sub(VHD_EPOCH_OFFSET));
+            if let Some(m) = mtime {
+                if ts != 0 && u64::from(ts) != m {
+                    self.warnings.push(format!(
+                        "parent modification time {} differs from the recorded {}",
+                        vhd_time_text(u32::try_from(m).unwrap_or(u32::MAX)),
+                        vhd_time_text(ts)
+                    ));
+                }
+            }
         }
         self.parent = Some(parent);
         Ok(())
@@ -727,11 +746,12 @@ impl VhdImage {
         }
     }
 
-    /// The dialect: `xen` for blktap images with a batmap, else `standard`.
+    /// The dialect: `xen` for blktap images (creator `tap`), else `standard`.
     pub fn dialect(&self) -> &'static str {
-        match &self.dynamic {
-            Some(d) if d.batmap_header.is_some() => "xen",
-            _ => "standard",
+        if &self.fi.footer.creator_app == b"tap\0" {
+            "xen"
+        } else {
+            "standard"
         }
     }
 }
@@ -811,7 +831,19 @@ impl BlockDevice for VhdImage {
             return Err(Error::out_of_bounds(offset, 1, self.size));
         }
         match &self.dynamic {
-            None => Ok(Extent::new(offset, self.size - offset, ExtentKind::Data).at_host(offset)),
+            None => {
+                // Holes of the file read as zeros: report them so copies skip them.
+                let rest = self.size - offset;
+                match self.storage.region_at(offset)? {
+                    StorageRegion::Hole(n) if n > 0 => {
+                        Ok(Extent::new(offset, n.min(rest), ExtentKind::Zero))
+                    }
+                    StorageRegion::Data(n) if n > 0 => {
+                        Ok(Extent::new(offset, n.min(rest), ExtentKind::Data).at_host(offset))
+                    }
+                    _ => Ok(Extent::new(offset, rest, ExtentKind::Data).at_host(offset)),
+                }
+            }
             Some(d) => self.status_dyn(d, offset, max_len),
         }
     }

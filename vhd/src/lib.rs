@@ -25,6 +25,25 @@
 //!   changes because the footer does not record the file length.
 //! * New images carry creator `vdcv` (or `tap\0` 1.3 for `dialect=xen`), the exact
 //!   `current_size` and a CHS computed by the spec's algorithm.
+//!
+//! ## Policies for hostile input (hostile-inputs.md V1-V20)
+//!
+//! * V2: a missing trailing footer with a valid copy at offset 0 opens read-only with a
+//!   warning (and a `check` finding); writable opens are refused. Never repaired.
+//! * V3: the pre-2004 511-byte footer is refused as `Unsupported`.
+//! * V5: a footer copy that differs from the trailing footer is a warning; the trailing
+//!   footer is used.
+//! * V10: dynamic and differencing disks above 2040 GiB are refused; fixed disks are only
+//!   bounded by the file.
+//! * V16: a BAT entry past the end, into metadata or aliasing another block opens, but reads
+//!   of that block fail with `Corrupt` naming `bat_entry[i]`; `check` lists them all and a
+//!   writable open is refused.
+//! * V17: dynamic disks read allocated blocks whole (bitmaps ignored, as qemu does);
+//!   differencing disks follow the bitmap sector by sector.
+//! * V18: locators are decoded within bounds (at most 32 KiB, valid UTF-16/UTF-8) and only
+//!   handed to the open gate as candidates; bad ones are reported by `info` and `check`.
+//! * V20: the saved-state flag opens read-only with a warning; data after the footer makes
+//!   the trailing footer "missing" (V2).
 #![forbid(unsafe_code)]
 
 mod bat;
