@@ -5,7 +5,7 @@
 //! tables, the L1 table and the refcount structures are computed in memory and written once
 //! by [`ImageWriter::finish`], the header last, then the file is flushed.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -187,8 +187,8 @@ pub struct Qcow2Writer {
     storage: Box<dyn Storage>,
     opts: CreateOptions,
     cs: u64,
-    /// Next free byte in the data area.
-    pos: u64,
+    /// Next free host cluster.
+    next: u64,
     /// L2 entries by L1 index.
     l2: BTreeMap<u64, Vec<u64>>,
     /// Refcounts of host clusters of the data area (index = host cluster).
@@ -196,15 +196,16 @@ pub struct Qcow2Writer {
     /// A partly written guest cluster.
     pending: Option<(u64, Vec<u8>)>,
     pool: Option<Pool>,
-    /// Buffered compressed output: (file offset of the buffer start, bytes).
-    wbuf: (u64, Vec<u8>),
-    zero_cache: HashMap<u64, ()>,
+    /// Buffered uncompressed clusters: (first host cluster, bytes).
+    ubuf: (u64, Vec<u8>),
+    /// The host cluster being filled with compressed streams, and its bytes so far.
+    cbuf: (Option<u64>, Vec<u8>),
 }
 
 impl std::fmt::Debug for Qcow2Writer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Qcow2Writer")
-            .field("pos", &self.pos)
+            .field("next", &self.next)
             .finish_non_exhaustive()
     }
 }
@@ -231,13 +232,13 @@ impl Qcow2Writer {
         Ok(Qcow2Writer {
             storage,
             cs,
-            pos: cs,
+            next: 1,
             l2: BTreeMap::new(),
             refs: Vec::new(),
             pending: None,
             pool,
-            wbuf: (cs, Vec::new()),
-            zero_cache: HashMap::new(),
+            ubuf: (1, Vec::new()),
+            cbuf: (None, Vec::new()),
             opts,
         })
     }
@@ -282,19 +283,41 @@ impl Qcow2Writer {
 
     /// Allocates one whole cluster at the (aligned) cursor.
     fn alloc_cluster(&mut self) -> Result<u64> {
-        self.flush_wbuf()?;
-        let host = self.pos.div_ceil(self.cs) * self.cs;
-        self.pos = host + self.cs;
-        self.wbuf.0 = self.pos;
+        let host = self.next * self.cs;
+        self.next += 1;
         self.add_ref(host / self.cs)?;
         Ok(host)
     }
 
-    fn flush_wbuf(&mut self) -> Result<()> {
-        if !self.wbuf.1.is_empty() {
-            self.storage.write_at(&self.wbuf.1, self.wbuf.0)?;
-            self.wbuf.0 += self.wbuf.1.len() as u64;
-            self.wbuf.1.clear();
+    fn flush_bufs(&mut self) -> Result<()> {
+        if !self.ubuf.1.is_empty() {
+            self.storage.write_at(&self.ubuf.1, self.ubuf.0 * self.cs)?;
+            self.ubuf.1.clear();
+        }
+        if let (Some(c), false) = (self.cbuf.0, self.cbuf.1.is_empty()) {
+            self.storage.write_at(&self.cbuf.1, c * self.cs)?;
+        }
+        self.cbuf = (None, Vec::new());
+        Ok(())
+    }
+
+    /// Appends one uncompressed cluster to the batch of contiguous clusters.
+    fn put_uncompressed(&mut self, gc: u64, data: &[u8]) -> Result<()> {
+        let host = self.alloc_cluster()?;
+        let c = host / self.cs;
+        let n = self.ubuf.1.len() as u64 / self.cs;
+        if !self.ubuf.1.is_empty() && self.ubuf.0 + n != c {
+            self.storage.write_at(&self.ubuf.1, self.ubuf.0 * self.cs)?;
+            self.ubuf.1.clear();
+        }
+        if self.ubuf.1.is_empty() {
+            self.ubuf.0 = c;
+        }
+        self.ubuf.1.extend_from_slice(data);
+        self.set_entry(gc, host | OFLAG_COPIED);
+        if self.ubuf.1.len() >= WBUF {
+            self.storage.write_at(&self.ubuf.1, self.ubuf.0 * self.cs)?;
+            self.ubuf.1.clear();
         }
         Ok(())
     }
@@ -365,40 +388,43 @@ impl Qcow2Writer {
 
     fn place_compressed(&mut self, d: Done) -> Result<()> {
         let cs = self.cs;
-        match d.result? {
-            Some(z) if !z.is_empty() => {
-                let max = refcount_max(self.opts.refcount_order);
-                let mut p = self.pos;
-                if !p.is_multiple_of(cs) && self.ref_of(p / cs) >= max {
-                    p = p.div_ceil(cs) * cs;
-                }
-                let pad = usize::try_from(p - self.pos).unwrap_or(0);
-                self.wbuf.1.resize(self.wbuf.1.len() + pad, 0);
-                let len = z.len() as u64;
-                let last = p + len - 1;
-                for c in p / cs..=last / cs {
-                    self.add_ref(c)?;
-                }
-                let x = 62 - (self.opts.cluster_bits - 8);
-                let extra = last / 512 - p / 512;
+        let z = match d.result? {
+            Some(z) if !z.is_empty() => z,
+            _ => return self.put_uncompressed(d.gc, &d.data),
+        };
+        let len = z.len() as u64;
+        let max = refcount_max(self.opts.refcount_order);
+        let x = 62 - (self.opts.cluster_bits - 8);
+        // Append to the cluster being filled when the stream fits in it.
+        if let Some(cl) = self.cbuf.0 {
+            let fill = self.cbuf.1.len() as u64;
+            if fill + len <= cs && self.ref_of(cl) < max {
+                let p = cl * cs + fill;
+                self.add_ref(cl)?;
+                let extra = (p + len - 1) / 512 - p / 512;
                 self.set_entry(d.gc, OFLAG_COMPRESSED | (extra << x) | p);
-                self.wbuf.1.extend_from_slice(&z);
-                self.pos = p + len;
-            }
-            _ => {
-                // Does not shrink: stored uncompressed, cluster aligned.
-                let host = self.pos.div_ceil(cs) * cs;
-                let pad = usize::try_from(host - self.pos).unwrap_or(0);
-                self.wbuf.1.resize(self.wbuf.1.len() + pad, 0);
-                self.wbuf.1.extend_from_slice(&d.data);
-                self.pos = host + cs;
-                self.add_ref(host / cs)?;
-                self.set_entry(d.gc, host | OFLAG_COPIED);
+                self.cbuf.1.extend_from_slice(&z);
+                return Ok(());
             }
         }
-        if self.wbuf.1.len() >= WBUF {
-            self.flush_wbuf()?;
+        // Otherwise start fresh clusters (a stream may span several).
+        if let (Some(c), false) = (self.cbuf.0, self.cbuf.1.is_empty()) {
+            self.storage.write_at(&self.cbuf.1, c * cs)?;
         }
+        let k = len.div_ceil(cs);
+        let start = self.next;
+        self.next += k;
+        for c in start..start + k {
+            self.add_ref(c)?;
+        }
+        let p = start * cs;
+        let extra = (p + len - 1) / 512 - p / 512;
+        self.set_entry(d.gc, OFLAG_COMPRESSED | (extra << x) | p);
+        let tail = usize::try_from((k - 1) * cs).unwrap_or(0);
+        if k > 1 {
+            self.storage.write_at(z.get(..tail).unwrap_or_default(), p)?;
+        }
+        self.cbuf = (Some(start + k - 1), z.get(tail..).unwrap_or_default().to_vec());
         Ok(())
     }
 
@@ -437,7 +463,7 @@ impl Qcow2Writer {
     fn finish_impl(mut self) -> Result<()> {
         self.flush_pending()?;
         self.drain(true)?;
-        self.flush_wbuf()?;
+        self.flush_bufs()?;
         self.pool = None;
         let cs = self.cs;
         let n = self.l2_entries();
@@ -456,7 +482,7 @@ impl Qcow2Writer {
                 }
             }
         }
-        let data_end = self.pos.div_ceil(cs) * cs;
+        let data_end = self.next * cs;
         let mut meta_cluster = data_end / cs;
         // L2 tables, then L1.
         let mut l1 = vec![0u64; usize::try_from(l1_size).unwrap_or(0)];
@@ -584,7 +610,6 @@ impl Qcow2Writer {
         };
         self.storage.write_at(&bytes, 0)?;
         self.storage.flush()?;
-        let _ = &self.zero_cache;
         Ok(())
     }
 }
@@ -612,14 +637,13 @@ impl ImageWriter for Qcow2Writer {
                     let run = data
                         .get(pos..pos + usize::try_from(full).unwrap_or(0))
                         .unwrap_or_default();
-                    let host = self.pos.div_ceil(cs) * cs;
+                    let host = self.next * cs;
                     self.storage.write_at(run, host)?;
                     for k in 0..full / cs {
                         self.add_ref(host / cs + k)?;
                         self.set_entry(gc + k, (host + k * cs) | OFLAG_COPIED);
                     }
-                    self.pos = host + full;
-                    self.wbuf.0 = self.pos;
+                    self.next += full / cs;
                     pos += usize::try_from(full).unwrap_or(0);
                     continue;
                 }
