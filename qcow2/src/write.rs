@@ -182,6 +182,8 @@ impl Qcow2Image {
         if !self_covering {
             self.update_refcount(st, bc, 1)?;
         }
+        // The block must be durable before the table points at it.
+        self.storage.flush()?;
         let rt_off = self
             .header
             .read()
@@ -396,6 +398,8 @@ impl Qcow2Image {
             }
             self.storage.write_at(&encode_u64s(&t), l)?;
             self.update_refcount(st, l / cs, 1)?;
+            // Table and refcount durable before the L1 entry publishes them.
+            self.storage.flush()?;
             let new_l1 = l | OFLAG_COPIED;
             self.storage.write_at(&new_l1.to_be_bytes(), l1_at)?;
             {
@@ -460,6 +464,8 @@ impl Qcow2Image {
         let mut st = self.alloc.lock().map_err(|_| poisoned())?;
         self.prepare_write(&mut st)?;
         let cs = self.cs();
+        // Phase 1: in-place writes, and data of new clusters.
+        let mut new: Vec<(u64, u64, Mapping)> = Vec::new();
         let mut pos = 0usize;
         while pos < buf.len() {
             let g = offset + pos as u64;
@@ -467,18 +473,69 @@ impl Qcow2Image {
             let within = g % cs;
             let n = usize::try_from((cs - within).min((buf.len() - pos) as u64)).unwrap_or(0);
             let part = buf.get(pos..pos + n).unwrap_or_default();
-            self.write_cluster(&mut st, gc, within, part)?;
+            if let Some((host, old)) = self.write_cluster(&mut st, gc, within, part)? {
+                new.push((gc, host, old));
+            }
             pos += n;
+        }
+        self.link_new(&mut st, &new)
+    }
+
+    /// Phases 2-4 of an allocating write: refcounts, barrier, L2 entries, barrier, release.
+    fn link_new(&self, st: &mut St<'_>, new: &[(u64, u64, Mapping)]) -> Result<()> {
+        if new.is_empty() {
+            return Ok(());
+        }
+        let cs = self.cs();
+        for &(_, host, _) in new {
+            self.update_refcount(st, host / cs, 1)?;
+        }
+        // Data and refcounts durable before any mapping points at them.
+        self.storage.flush()?;
+        for &(gc, host, _) in new {
+            self.set_l2_entry(st, gc, host | OFLAG_COPIED)?;
+        }
+        self.release_all(st, new.iter().map(|&(_, _, old)| old))
+    }
+
+    /// Drops old references once the new mappings are durable (a crash then leaks, never
+    /// frees a cluster still referenced).
+    fn release_all(&self, st: &mut St<'_>, old: impl Iterator<Item = Mapping>) -> Result<()> {
+        let old: Vec<Mapping> = old
+            .filter(|m| {
+                matches!(
+                    m,
+                    Mapping::Normal { .. }
+                        | Mapping::Zero { host: Some(_) }
+                        | Mapping::Compressed { .. }
+                )
+            })
+            .collect();
+        if old.is_empty() {
+            return Ok(());
+        }
+        self.storage.flush()?;
+        for m in old {
+            self.release(st, m)?;
         }
         Ok(())
     }
 
-    fn write_cluster(&self, st: &mut St<'_>, gc: u64, within: u64, part: &[u8]) -> Result<()> {
+    /// Writes part of guest cluster `gc`: in place when it owns its cluster, otherwise into a
+    /// new cluster whose (host, old mapping) is returned for linking.
+    fn write_cluster(
+        &self,
+        st: &mut St<'_>,
+        gc: u64,
+        within: u64,
+        part: &[u8],
+    ) -> Result<Option<(u64, Mapping)>> {
         let cs = self.cs();
         let m = self.lookup(gc)?;
         if let Mapping::Normal { host, copied: true } = m {
             self.check_overlap(st, host)?;
-            return self.storage.write_at(part, host + within);
+            self.storage.write_at(part, host + within)?;
+            return Ok(None);
         }
         // New cluster: old content (backing, zeros, compressed) under the new bytes.
         let mut data = vec![0u8; usize::try_from(cs).unwrap_or(0)];
@@ -496,9 +553,7 @@ impl Qcow2Image {
         }
         let host = self.alloc_clusters(st, 1)?;
         self.storage.write_at(&data, host)?;
-        self.update_refcount(st, host / cs, 1)?;
-        self.set_l2_entry(st, gc, host | OFLAG_COPIED)?;
-        self.release(st, m)
+        Ok(Some((host, m)))
     }
 
     pub(crate) fn write_zeroes_impl(&self, offset: u64, len: u64, deallocate: bool) -> Result<()> {
@@ -544,7 +599,7 @@ impl Qcow2Image {
                 _ => {
                     let e = if has_backing { OFLAG_ZERO } else { 0 };
                     self.set_l2_entry(&mut st, gc, e)?;
-                    self.release(&mut st, m)?;
+                    self.release_all(&mut st, std::iter::once(m))?;
                 }
             }
             drop(st);

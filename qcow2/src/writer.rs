@@ -422,9 +422,13 @@ impl Qcow2Writer {
         self.set_entry(d.gc, OFLAG_COMPRESSED | (extra << x) | p);
         let tail = usize::try_from((k - 1) * cs).unwrap_or(0);
         if k > 1 {
-            self.storage.write_at(z.get(..tail).unwrap_or_default(), p)?;
+            self.storage
+                .write_at(z.get(..tail).unwrap_or_default(), p)?;
         }
-        self.cbuf = (Some(start + k - 1), z.get(tail..).unwrap_or_default().to_vec());
+        self.cbuf = (
+            Some(start + k - 1),
+            z.get(tail..).unwrap_or_default().to_vec(),
+        );
         Ok(())
     }
 
