@@ -241,3 +241,119 @@ fn zero_clusters_over_backing_and_chains() {
     assert_eq!(dev.size(), 10 << 20);
     let _ = raw;
 }
+
+/// Our block_status of the top layer agrees with `qemu-img map` at depth 0.
+fn map_agrees(img: &Path) {
+    let (rc, out, err) =
+        common::qemu_img(&["map", "--output=json", "-f", "qcow2", img.to_str().unwrap()]);
+    assert_eq!(rc, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let dev = common::open(img);
+    for e in v.as_array().unwrap() {
+        let start = e["start"].as_u64().unwrap();
+        let len = e["length"].as_u64().unwrap();
+        let depth = e["depth"].as_u64().unwrap();
+        let data = e["data"].as_bool().unwrap();
+        let zero = e["zero"].as_bool().unwrap();
+        let want = if depth > 0 || !e["present"].as_bool().unwrap_or(true) {
+            ExtentKind::Unallocated
+        } else if data {
+            ExtentKind::Data
+        } else if zero {
+            ExtentKind::Zero
+        } else {
+            ExtentKind::Unallocated
+        };
+        let mut off = start;
+        while off < start + len {
+            let ours = dev.block_status(off, start + len - off).unwrap();
+            // Without a backing file qemu reports unallocated ranges as zero at depth 0.
+            let ok = ours.kind == want
+                || (dev.backing().is_none()
+                    && want == ExtentKind::Zero
+                    && ours.kind == ExtentKind::Unallocated);
+            assert!(
+                ok,
+                "{}: at {off}: ours {:?}, qemu {e}",
+                img.display(),
+                ours.kind
+            );
+            if let (Some(h), Some(o)) = (ours.host_offset, e["offset"].as_u64()) {
+                assert_eq!(h, o + (off - start), "host offset at {off}");
+            }
+            off += ours.len.min(start + len - off);
+        }
+    }
+}
+
+#[test]
+fn block_status_matches_qemu_map() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let base = d.join("base.qcow2");
+    let (rc, _, err) = common::qemu_img(&["create", "-f", "qcow2", base.to_str().unwrap(), "8M"]);
+    assert_eq!(rc, 0, "{err}");
+    common::qemu_io(&base, "qcow2", &["write -P 0x11 0 8M"]);
+    let top = d.join("top.qcow2");
+    let (rc, _, err) = common::qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        top.to_str().unwrap(),
+    ]);
+    assert_eq!(rc, 0, "{err}");
+    common::qemu_io(
+        &top,
+        "qcow2",
+        &[
+            "write -P 0x22 64k 192k",
+            "write -z 1M 128k",
+            "write -P 0x33 2M 64k",
+            "write -z 2M 64k",
+            "write -P 5 4M 1M",
+        ],
+    );
+    map_agrees(&top);
+    let raw = pattern_raw(d);
+    let z = convert(d, &raw, "z.qcow2", &["-c"]);
+    map_agrees(&z);
+    let plain = convert(d, &raw, "p.qcow2", &[]);
+    map_agrees(&plain);
+}
+
+#[test]
+fn parallel_reads_agree() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = pattern_raw(dir.path());
+    let img = convert(
+        dir.path(),
+        &raw,
+        "z.qcow2",
+        &["-c", "-o", "cluster_size=4096"],
+    );
+    let want = std::fs::read(&raw).unwrap();
+    let dev = std::sync::Arc::new(common::open(&img));
+    let handles: Vec<_> = (0..4u64)
+        .map(|t| {
+            let dev = dev.clone();
+            let want = want.clone();
+            std::thread::spawn(move || {
+                let mut rng = testsupport::TestRng::new(t + 1);
+                for _ in 0..300 {
+                    let off = rng.next_u64() % (SIZE - 1);
+                    let len = (rng.next_u64() % 200_000).min(SIZE - off) as usize;
+                    let mut b = vec![0u8; len];
+                    dev.read_at(&mut b, off).unwrap();
+                    assert!(b[..] == want[off as usize..off as usize + len]);
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+}
