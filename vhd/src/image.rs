@@ -714,9 +714,15 @@ impl VhdImage {
             None => {
                 let want = max_len.max(1).min(self.size - offset);
                 let mut len = in_block;
+                let st = d.state.read().map_err(|_| lock_err())?;
                 let mut b = blk + 1;
                 while len < want {
-                    if self.lookup(d, b)?.is_some() {
+                    let free = usize::try_from(b)
+                        .ok()
+                        .and_then(|i| st.bat.get(i))
+                        .map(|&e| e == BAT_UNUSED && !st.bad.contains_key(&b))
+                        .unwrap_or(false);
+                    if !free {
                         break;
                     }
                     len = (len + bs).min(self.size - offset);
