@@ -276,3 +276,93 @@ fn probed_raw_is_not_opened_for_writing_and_ambiguous_input_is_refused() {
     assert_ne!(code, 0);
     assert!(err.contains("several formats"), "{err}");
 }
+
+#[test]
+fn target_azure_rounds_to_whole_mib_with_a_notice() {
+    require_tool("qemu-img");
+    let d = tempfile::tempdir().unwrap();
+    let a = d.path().join("disk.raw");
+    // 100.3 MiB, not even a whole number of sectors.
+    let size = (100.3 * 1048576.0) as u64;
+    sparse_raw(&a, size, &[(0, 65536), (size - 1000, 1000)], 9);
+    let out = d.path().join("azure.vhd");
+    let (code, _, err) = run(vdconv()
+        .args(["convert", "--target", "azure", "--verify"])
+        .arg(&a)
+        .arg(&out));
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("rounded up"), "{err}");
+    let (code, info, _) = run(Command::new("qemu-img")
+        .args(["info", "--output=json", "-f", "vpc"])
+        .arg(&out));
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(v["virtual-size"], 101 * 1048576);
+    let (code, info, _) = run(vdconv().args(["info", "--output", "json"]).arg(&out));
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(v["subformat"], "fixed");
+    assert_eq!(v["virtual_size"], 101 * 1048576);
+}
+
+#[test]
+fn keep_chain_then_commit_from_the_command_line() {
+    require_tool("qemu-img");
+    let d = tempfile::tempdir().unwrap();
+    let base = d.path().join("base.qcow2");
+    let top = d.path().join("top.qcow2");
+    let q = |args: &[&str]| assert_eq!(run(Command::new("qemu-img").args(args)).0, 0, "{args:?}");
+    q(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "16M"]);
+    assert_eq!(
+        run(Command::new("qemu-io")
+            .args(["-c", "write -P 0x61 0 4M"])
+            .arg(&base))
+        .0,
+        0
+    );
+    q(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        top.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        run(Command::new("qemu-io")
+            .args(["-c", "write -P 0x62 1M 1M", "-c", "write -z 3M 512k"])
+            .arg(&top))
+        .0,
+        0
+    );
+    let out_dir = d.path().join("hv");
+    std::fs::create_dir(&out_dir).unwrap();
+    let dst = out_dir.join("top.vhdx");
+    let (code, _, err) = run(vdconv()
+        .args(["convert", "--keep-chain", "-O", "vhdx"])
+        .arg(&top)
+        .arg(&dst));
+    assert_eq!(code, 0, "{err}");
+    assert!(out_dir.join("base.vhdx").exists());
+    let (code, info, err) = run(vdconv()
+        .args(["info", "--backing-chain", "--output", "json"])
+        .arg(&dst));
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 2);
+    assert_eq!(v[0]["subformat"], "differencing");
+    assert_eq!(v[0]["backing"]["resolved"], true);
+    let (code, out, _) = run(vdconv().arg("compare").arg(&top).arg(&dst));
+    assert_eq!(code, 0, "{out}");
+    // Commit the VHDX child into its parent: the parent then holds the child's content.
+    let (code, _, err) = run(vdconv().arg("commit").arg(&dst));
+    assert_eq!(code, 0, "{err}");
+    let (code, out, _) = run(vdconv()
+        .arg("compare")
+        .arg(&top)
+        .arg(out_dir.join("base.vhdx")));
+    assert_eq!(code, 0, "{out}");
+}

@@ -1,6 +1,11 @@
 //! The project's own fixtures (tests/fixtures/make.sh, made with qemu-img and qemu-io) read back
 //! exactly as qemu-img reads them, through probing and the whole chain.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 use std::process::Command;
 
@@ -29,11 +34,22 @@ fn generated_fixtures_read_like_qemu() {
         let path = dir.path().join(name);
         let probed = vdisk::probe(&blockdev::FileStorage::open(&path, false).unwrap()).unwrap();
         assert_eq!(probed, format, "{name} probed as {probed}");
-        let dev = vdisk::open(&path, &OpenOptions::default()).unwrap_or_else(|e| panic!("{name}: {e}"));
-        let (code, info, _) = run(Command::new("qemu-img").args(["info", "--output=json", "-f", qf]).arg(&path));
+        let dev =
+            vdisk::open(&path, &OpenOptions::default()).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let (code, info, _) = run(Command::new("qemu-img")
+            .args(["info", "--output=json", "-f", qf])
+            .arg(&path));
         assert_eq!(code, 0);
         let v: serde_json::Value = serde_json::from_str(&info).unwrap();
-        assert_eq!(dev.size(), v["virtual-size"].as_u64().unwrap(), "{name}: virtual size");
-        assert_eq!(sha256_device(dev.as_ref()), qemu_sha256(&path, qf), "{name}: content");
+        assert_eq!(
+            dev.size(),
+            v["virtual-size"].as_u64().unwrap(),
+            "{name}: virtual size"
+        );
+        assert_eq!(
+            sha256_device(dev.as_ref()),
+            qemu_sha256(&path, qf),
+            "{name}: content"
+        );
     }
 }
