@@ -20,6 +20,7 @@
 
 mod check;
 mod compress;
+mod create;
 pub mod format;
 pub mod header;
 mod image;
@@ -29,7 +30,8 @@ mod write;
 mod writer;
 
 pub use check::repair_leaks;
+pub use create::{create, CreateOptions, Preallocation};
 pub use header::Header;
 pub use image::{OpenOptions, Qcow2Image};
 pub use snapshot::Snapshot;
-pub use writer::{create, CreateOptions, Preallocation, Qcow2Writer};
+pub use writer::Qcow2Writer;

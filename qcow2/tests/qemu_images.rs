@@ -357,3 +357,58 @@ fn parallel_reads_agree() {
         h.join().unwrap();
     }
 }
+
+struct SkipGate;
+
+impl blockdev::OpenGate for SkipGate {
+    fn open_backing(
+        &self,
+        _r: &blockdev::BackingRequest<'_>,
+    ) -> blockdev::Result<Box<dyn BlockDevice>> {
+        panic!("must not be asked")
+    }
+    fn open_data_file(
+        &self,
+        _r: &blockdev::BackingRequest<'_>,
+        _w: bool,
+    ) -> blockdev::Result<Box<dyn blockdev::Storage>> {
+        panic!("must not be asked")
+    }
+    fn skip_backing(&self) -> bool {
+        true
+    }
+}
+
+#[test]
+fn skipped_backing_fails_reads_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    pattern_raw(d);
+    let top = d.join("top.qcow2");
+    let (rc, _, err) = common::qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        "src.raw",
+        "-F",
+        "raw",
+        top.to_str().unwrap(),
+    ]);
+    assert_eq!(rc, 0, "{err}");
+    common::qemu_io(&top, "qcow2", &["write -P 0x42 0 64k"]);
+    let st = blockdev::FileStorage::open(&top, false).unwrap();
+    let img =
+        qcow2::Qcow2Image::open(Box::new(st), &SkipGate, &qcow2::OpenOptions::default()).unwrap();
+    let info = img.info();
+    let b = info.backing.unwrap();
+    assert_eq!(
+        (b.reference.as_str(), b.format.as_deref(), b.resolved),
+        ("src.raw", Some("raw"), false)
+    );
+    let mut buf = vec![0u8; 65536];
+    img.read_at(&mut buf, 0).unwrap();
+    assert!(buf.iter().all(|&x| x == 0x42));
+    let e = img.read_at(&mut buf, 1 << 20).unwrap_err();
+    assert_eq!(e.kind(), blockdev::ErrorKind::BackingNotFound);
+}
