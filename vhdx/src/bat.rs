@@ -145,7 +145,20 @@ pub fn validate(
                 | PAYLOAD_UNMAPPED
                 | PAYLOAD_UNMAPPED_V095 => continue,
                 PAYLOAD_FULLY_PRESENT => g.block_size,
-                PAYLOAD_PARTIALLY_PRESENT if g.has_parent => g.block_size,
+                PAYLOAD_PARTIALLY_PRESENT if g.has_parent => {
+                    let blk = idx - idx / (g.chunk_ratio + 1);
+                    let sbi = g.bitmap_of_block(blk);
+                    if bat.get(sbi).is_none_or(|e| state(*e) != SB_PRESENT) {
+                        problems.push((
+                            field.clone(),
+                            eoff,
+                            format!(
+                                "PARTIALLY_PRESENT block whose sector-bitmap entry {sbi} is not present"
+                            ),
+                        ));
+                    }
+                    g.block_size
+                }
                 PAYLOAD_PARTIALLY_PRESENT => {
                     problems.push((
                         field,

@@ -444,7 +444,8 @@ mod tests {
         assert_eq!(chunk_ratio(32 * MIB, 512), 128);
         assert_eq!(chunk_ratio(MIB, 4096), 32768);
         assert_eq!(bat_entries(127 << 30, 32 * MIB, 512, false), 4095);
-        assert_eq!(bat_entries_alloc(127 << 30, 32 * MIB, 512), 4096);
+        assert_eq!(bat_entries_alloc(127 << 30, 32 * MIB, 512), 4128);
+        assert_eq!(bat_entries(127 << 30, 32 * MIB, 512, true), 4128);
         assert_eq!(payload_index(128, 128), 129);
         assert_eq!(bitmap_index(0, 128), 128);
         assert_eq!(bitmap_index(1, 128), 257);

@@ -589,13 +589,15 @@ impl VhdxImage {
         let mut pending: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
         let mut newbat: BTreeMap<usize, u64> = BTreeMap::new();
         let zeros;
-        let cur = self.bat.read().map_err(|_| lock_err())?.clone();
+        // Only writers change the BAT and they hold `write_lock`, so short read locks suffice.
         let entry = |newbat: &BTreeMap<usize, u64>, i: usize| {
-            newbat
-                .get(&i)
-                .copied()
-                .or_else(|| cur.get(i).copied())
-                .unwrap_or(0)
+            newbat.get(&i).copied().unwrap_or_else(|| {
+                self.bat
+                    .read()
+                    .ok()
+                    .and_then(|b| b.get(i).copied())
+                    .unwrap_or(0)
+            })
         };
         let zbuf: &[u8] = match buf {
             Some(b) => b,

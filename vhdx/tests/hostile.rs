@@ -579,6 +579,22 @@ fn x20_bat_states() {
     assert!(read_all(&img)[MIB..5 * MIB].iter().all(|&b| b == 0));
     // A sector-bitmap entry with a payload state (differencing image, SB entry at 4096).
     let (pbytes, child) = diff_pair(vec![]);
+    // PARTIALLY_PRESENT whose chunk has no sector bitmap.
+    let mut c = child.clone();
+    let len = c.len() as u64;
+    c.resize(c.len() + MIB, 0);
+    set_bat(&mut c, 0, len | 7);
+    let e = open_with(
+        Box::new(MemStorage::read_only(c)),
+        false,
+        &MemGate {
+            parent: pbytes.clone(),
+        },
+        0,
+    )
+    .err()
+    .unwrap();
+    assert_eq!(e.field(), Some("bat_entry[0]"), "{e}");
     let mut c = child;
     set_bat(&mut c, 4096, 2);
     let e = open_with(

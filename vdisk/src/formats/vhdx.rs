@@ -66,7 +66,14 @@ fn sector_opt(spec: &CreateSpec<'_>, key: &str, default: u32) -> Result<u32> {
 
 /// The Windows-style relative path from the directory of `child` to `parent`.
 fn relative_path(child: Option<&Path>, parent: &Path, reference: &str) -> String {
-    let dir = child.and_then(Path::parent);
+    let child = child.map(|c| {
+        if c.is_absolute() {
+            c.to_path_buf()
+        } else {
+            std::env::current_dir().unwrap_or_default().join(c)
+        }
+    });
+    let dir = child.as_deref().and_then(Path::parent);
     if let Some(dir) = dir {
         let a: Vec<Component<'_>> = dir.components().collect();
         let b: Vec<Component<'_>> = parent.components().collect();
@@ -85,7 +92,12 @@ fn relative_path(child: Option<&Path>, parent: &Path, reference: &str) -> String
             return parts.join("\\");
         }
     }
-    reference.replace('/', "\\")
+    let r = reference.replace('/', "\\");
+    if Path::new(reference).is_absolute() || r.starts_with('.') {
+        r
+    } else {
+        format!(".\\{r}")
+    }
 }
 
 fn options(spec: &CreateSpec<'_>) -> Result<CreateOptions> {

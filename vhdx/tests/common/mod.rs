@@ -147,3 +147,67 @@ pub fn link_of(parent: &VhdxImage) -> vhdx::create::ParentLink {
         absolute_win32_path: "C:\\vms\\parent.vhdx".into(),
     }
 }
+
+/// Unpacks a shared fixture once into a per-user cache (the 10 GiB images take long to
+/// decompress) and returns its path; `None` when the fixtures are absent (test skipped).
+/// Callers must open it read-only.
+pub fn cached_fixture(rel: &str) -> Option<PathBuf> {
+    let root = testsupport::shared_fixtures_dir()?;
+    let src = root.join(rel);
+    let md = std::fs::metadata(&src).unwrap();
+    let stamp = format!(
+        "{} {:?}",
+        md.len(),
+        md.modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+    );
+    let cache = std::env::temp_dir().join("vdconv-vhdx-fixture-cache");
+    std::fs::create_dir_all(&cache).unwrap();
+    let key = rel.replace('/', "_");
+    let marker = cache.join(format!("{key}.ok"));
+    let dir = cache.join(&key);
+    if std::fs::read_to_string(&marker).ok().as_deref() == Some(stamp.as_str()) {
+        if let Some(Ok(e)) = std::fs::read_dir(&dir).ok().and_then(|mut d| d.next()) {
+            return Some(e.path());
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let tmp = cache.join(format!("{key}.tmp{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).unwrap();
+    let out = testsupport::unpack_into(&src, &tmp);
+    std::fs::rename(&tmp, &dir).unwrap();
+    std::fs::write(&marker, stamp).unwrap();
+    Some(dir.join(out.file_name().unwrap()))
+}
+
+/// SHA-256 of a file's length and data regions (holes skipped, so a 10 GiB sparse file is
+/// cheap); any write, even into a hole, changes it.
+pub fn file_digest(path: &Path) -> String {
+    use sha2::Digest;
+    let s = FileStorage::open(path, false).unwrap();
+    let len = s.len().unwrap();
+    let mut h = sha2::Sha256::new();
+    h.update(len.to_le_bytes());
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = 0u64;
+    while off < len {
+        match s.region_at(off).unwrap() {
+            blockdev::StorageRegion::Hole(n) => off += n.max(1),
+            blockdev::StorageRegion::Data(n) => {
+                let end = off + n.max(1);
+                while off < end {
+                    let k = (end - off).min(buf.len() as u64) as usize;
+                    s.read_at(&mut buf[..k], off).unwrap();
+                    if !blockdev::is_zero(&buf[..k]) {
+                        h.update(off.to_le_bytes());
+                        h.update(&buf[..k]);
+                    }
+                    off += k as u64;
+                }
+            }
+        }
+    }
+    testsupport::hex(&h.finalize())
+}
