@@ -88,19 +88,21 @@ pub fn unpack_into(src: &Path, dir: &Path) -> PathBuf {
         (None, name.clone())
     };
     let out = dir.join(out_name);
-    let mut reader: Box<dyn Read> = match tool {
+    match tool {
         Some(t) => {
-            let child = Command::new(t)
+            let mut child = Command::new(t)
                 .arg("-dc")
                 .arg(src)
                 .stdout(Stdio::piped())
                 .spawn()
                 .unwrap_or_else(|e| panic!("cannot run {t} to unpack {}: {e}", src.display()));
-            Box::new(child.stdout.unwrap())
+            let mut stdout = child.stdout.take().unwrap();
+            write_sparse(&mut stdout, &out);
+            let status = child.wait().unwrap();
+            assert!(status.success(), "{t} failed to unpack {}", src.display());
         }
-        None => Box::new(std::fs::File::open(src).unwrap()),
-    };
-    write_sparse(&mut reader, &out);
+        None => write_sparse(&mut std::fs::File::open(src).unwrap(), &out),
+    }
     out
 }
 
