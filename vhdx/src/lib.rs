@@ -29,7 +29,7 @@
 //!   LogGuid (both header slots, flushed); new payload blocks are appended 1 MiB aligned; BAT and
 //!   bitmap sectors go through the log: data flush, log entry, flush, apply, flush. `flush`
 //!   empties the log (LogGuid = 0).
-//! * **Create** ([`create`]) and **convert** ([`VhdxWriter`]): a fresh file laid out as
+//! * **Create** ([`create()`]) and **convert** ([`VhdxWriter`]): a fresh file laid out as
 //!   header section, log (1 MiB), metadata (1 MiB), BAT, then payload blocks in guest order;
 //!   metadata and headers are written once at the end.
 //!

@@ -159,3 +159,49 @@ proptest! {
         run(&ops, 4096, true);
     }
 }
+
+#[test]
+fn concurrent_readers_and_a_writer() {
+    let b = create_mem(&CreateOptions {
+        size: 32 * MIB,
+        block_size: MIB,
+        ..CreateOptions::default()
+    });
+    let img =
+        Arc::new(open_with(Box::new(MemStorage::from_vec(b)), true, &DirGate::new(), 0).unwrap());
+    let writer = {
+        let img = img.clone();
+        std::thread::spawn(move || {
+            for i in 0..32u64 {
+                img.write_at(&vec![i as u8 + 1; 64 << 10], i * MIB + 4096)
+                    .unwrap();
+            }
+            img.flush().unwrap();
+        })
+    };
+    let readers: Vec<_> = (0..3)
+        .map(|_| {
+            let img = img.clone();
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 64 << 10];
+                for _ in 0..4 {
+                    for i in 0..32u64 {
+                        img.read_at(&mut buf, i * MIB + 4096).unwrap();
+                        // Either the old (zeros) or the new content, never a mix.
+                        assert!(
+                            buf.iter().all(|&x| x == 0) || buf.iter().all(|&x| x == i as u8 + 1)
+                        );
+                    }
+                }
+            })
+        })
+        .collect();
+    writer.join().unwrap();
+    for r in readers {
+        r.join().unwrap();
+    }
+    let all = read_all(&*img);
+    for i in 0..32usize {
+        assert_eq!(all[i * MIB as usize + 4096], i as u8 + 1);
+    }
+}

@@ -140,6 +140,9 @@ fn options(spec: &CreateSpec<'_>) -> Result<CreateOptions> {
         if option(spec.options, "logical_sector_size").is_none() {
             o.logical = pv.sector_sizes().logical;
         }
+        if option(spec.options, "physical_sector_size").is_none() {
+            o.physical = pv.sector_sizes().physical;
+        }
         o.parent = Some(ParentLink {
             data_write_guid: pv.data_write_guid(),
             disk_id: pv.disk_id(),
