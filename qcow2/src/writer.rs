@@ -399,17 +399,25 @@ impl Qcow2Writer {
         let mut meta_cluster = data_end / cs;
         // L2 tables, then L1.
         let mut l1 = vec![0u64; usize::try_from(l1_size).unwrap_or(0)];
-        let mut meta: Vec<u8> = Vec::new();
-        let l2_list: Vec<(u64, Vec<u64>)> = std::mem::take(&mut self.l2).into_iter().collect();
-        for (idx, t) in &l2_list {
+        // L2 tables are streamed out in batches; the rest of the metadata is written at once.
+        let mut batch: Vec<u8> = Vec::new();
+        let mut batch_at = data_end;
+        let l2 = std::mem::take(&mut self.l2);
+        for (idx, t) in l2 {
             let off = meta_cluster * cs;
-            if let Some(e) = l1.get_mut(usize::try_from(*idx).unwrap_or(usize::MAX)) {
+            if let Some(e) = l1.get_mut(usize::try_from(idx).unwrap_or(usize::MAX)) {
                 *e = off | OFLAG_COPIED;
             }
             self.add_ref(meta_cluster)?;
-            meta.extend_from_slice(&encode_u64s(t));
+            batch.extend_from_slice(&encode_u64s(&t));
             meta_cluster += 1;
+            if batch.len() >= WBUF {
+                self.storage.write_at(&batch, batch_at)?;
+                batch_at += batch.len() as u64;
+                batch.clear();
+            }
         }
+        let mut meta = batch;
         let l1_off = meta_cluster * cs;
         let l1_clusters = (l1_size * 8).div_ceil(cs);
         let mut l1_bytes = encode_u64s(&l1);
@@ -474,7 +482,7 @@ impl Qcow2Writer {
         }
         meta.extend_from_slice(&encode_u64s(&rt));
         meta.extend_from_slice(&rb);
-        self.storage.write_at(&meta, data_end)?;
+        self.storage.write_at(&meta, batch_at)?;
         // Header last.
         let mut h = Header {
             version: self.opts.version,

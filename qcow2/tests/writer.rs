@@ -255,3 +255,26 @@ fn overlay_with_zero_clusters_over_backing() {
         assert_eq!(info.backing.unwrap().format.as_deref(), Some("qcow2"));
     }
 }
+
+#[test]
+fn many_l2_tables_streamed() {
+    // 4 GiB with 4 KiB clusters, metadata preallocated: 8 MiB of L2 tables.
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("m.qcow2");
+    let st = FileStorage::create_new(&p).unwrap();
+    qcow2::create(
+        Box::new(st),
+        CreateOptions {
+            size: 4 << 30,
+            cluster_bits: 12,
+            preallocation: Preallocation::Metadata,
+            ..CreateOptions::default()
+        },
+    )
+    .unwrap();
+    common::qemu_check_clean(&p);
+    let img = common::open(&p);
+    let e = img.block_status(0, 4 << 30).unwrap();
+    assert_eq!(e.kind, blockdev::ExtentKind::Data);
+    assert_eq!(e.len, 4 << 30);
+}
