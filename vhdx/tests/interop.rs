@@ -361,3 +361,54 @@ fn differencing_chain_writer_and_in_place() {
         assert_eq!(sha256_device(&parent), sha(&base));
     }
 }
+
+#[test]
+fn qemu_made_images_read_and_written_in_place() {
+    require_tool("qemu-img");
+    let dir = tempfile::tempdir().unwrap();
+    let size = 72 * MIB;
+    let data = pattern(size, 21);
+    let raw = dir.path().join("q.raw");
+    std::fs::write(&raw, &data).unwrap();
+    for (name, opts) in [
+        ("qd.vhdx", "subformat=dynamic"),
+        ("qf.vhdx", "subformat=fixed"),
+        (
+            "qz.vhdx",
+            "subformat=dynamic,block_state_zero=off,block_size=1M",
+        ),
+    ] {
+        let p = dir.path().join(name);
+        let (code, out, err) = run(Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "vhdx", "-o", opts])
+            .arg(&raw)
+            .arg(&p));
+        assert_eq!(code, 0, "{out} {err}");
+        let img = open_path(&p, false).unwrap();
+        assert_eq!(sha256_device(&img), sha(&data), "{name}");
+        drop(img);
+        // Write over it in place, then let qemu check and compare.
+        let mut model = data.clone();
+        {
+            let img = open_path(&p, true).unwrap();
+            let mut rng = TestRng::new(33);
+            for _ in 0..20 {
+                let off = (rng.next_u64() % (size / 512 - 300)) * 512;
+                let len = (1 + rng.next_u64() % 256) * 512;
+                let mut b = vec![0u8; len as usize];
+                rng.fill(&mut b);
+                img.write_at(&b, off).unwrap();
+                model[off as usize..(off + len) as usize].copy_from_slice(&b);
+            }
+            img.write_zeroes(0, 16 * MIB, true).unwrap();
+            model[..16 << 20].fill(0);
+            img.flush().unwrap();
+        }
+        let raw2 = dir.path().join(format!("{name}.raw"));
+        std::fs::write(&raw2, &model).unwrap();
+        qemu_check(&p);
+        qemu_compare(&raw2, &p);
+        let img = open_path(&p, false).unwrap();
+        assert_eq!(img.check().unwrap().corruptions(), 0);
+    }
+}
