@@ -2,7 +2,8 @@
 # One-shot set-up on a fresh Debian machine: installs the test oracles, builds vdconv, and runs
 # its main job on a sample image made on the spot, so a newcomer sees a conversion end to end.
 #   scripts/setup.sh            install + build + demo
-#   scripts/setup.sh --no-demo  install + build only (CI)
+#   scripts/setup.sh --no-demo  install + build only
+#   scripts/setup.sh --deps-only install the packages only (CI: the tests build what they need)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,6 +20,10 @@ if [ ${#need[@]} -gt 0 ]; then
     [ "$(id -u)" -ne 0 ] && SUDO="sudo"
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+if [ "${1:-}" = "--deps-only" ]; then
+    exit 0
 fi
 
 echo "setup: building vdconv (release)"

@@ -244,3 +244,41 @@ impl TestRng {
         }
     }
 }
+
+/// SHA-256 (hex) of a VHD/VHDX's guest content as libvhdi (`pyvhdi`, Debian's python3-libvhdi)
+/// reads it; `parent` is opened and set as the parent of a differencing image.
+pub fn pyvhdi_sha256(path: &Path, parent: Option<&Path>) -> String {
+    let python = "/usr/bin/python3";
+    let probe = run(Command::new(python).args(["-c", "import pyvhdi"]));
+    assert_eq!(
+        probe.0, 0,
+        "pyvhdi is required by this test: install it with `apt-get install python3-libvhdi` (the README's setup command does)"
+    );
+    let script = r#"
+import hashlib, sys, pyvhdi
+f = pyvhdi.file()
+f.open(sys.argv[1])
+if len(sys.argv) > 2:
+    p = pyvhdi.file()
+    p.open(sys.argv[2])
+    f.set_parent(p)
+h = hashlib.sha256()
+size = f.get_media_size()
+off = 0
+while off < size:
+    n = min(4 << 20, size - off)
+    data = f.read_buffer_at_offset(n, off)
+    assert len(data) == n, (len(data), n, off)
+    h.update(data)
+    off += n
+print(h.hexdigest(), size)
+"#;
+    let mut cmd = Command::new(python);
+    cmd.arg("-c").arg(script).arg(path);
+    if let Some(p) = parent {
+        cmd.arg(p);
+    }
+    let (code, out, err) = run(&mut cmd);
+    assert_eq!(code, 0, "pyvhdi could not read {}: {err}", path.display());
+    out.split_whitespace().next().unwrap_or_default().to_string()
+}

@@ -120,6 +120,9 @@ fn all_sixteen_pairs_round_trip() {
                 assert_eq!(got, want, "{sf} -> {tf} ({sub}) changed the content");
                 qemu_check(&out, tf);
                 qemu_compare(&raw, Format::Raw, &out, tf);
+                if tf == Format::Vhd || tf == Format::Vhdx {
+                    assert_eq!(testsupport::pyvhdi_sha256(&out, None), want, "libvhdi reads {sf} -> {tf} ({sub}) differently");
+                }
                 std::fs::remove_file(&out).unwrap();
             }
         }
