@@ -163,6 +163,19 @@ impl Qcow2Image {
                     "refcount block not cluster aligned",
                 ));
             }
+            let h = self.header.read().map_err(|_| poisoned())?.clone();
+            let l1_end = h.l1_table_offset + u64::from(h.l1_size) * 8;
+            let rt_end = h.refcount_table_offset + u64::from(h.refcount_table_clusters) * cs;
+            if e < cs
+                || (e + cs > h.l1_table_offset && e < l1_end)
+                || (e + cs > h.refcount_table_offset && e < rt_end)
+            {
+                return Err(Error::corrupt(
+                    "refcount_table",
+                    e,
+                    "refcount block overlaps other metadata: refusing to write",
+                ));
+            }
             return Ok(e);
         }
         let b = self.alloc_clusters(st, 1)?;

@@ -412,3 +412,55 @@ fn skipped_backing_fails_reads_clearly() {
     let e = img.read_at(&mut buf, 1 << 20).unwrap_err();
     assert_eq!(e.kind(), blockdev::ErrorKind::BackingNotFound);
 }
+
+#[test]
+fn our_writes_into_qemu_images() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let raw = pattern_raw(d);
+    for (name, extra) in [
+        ("c.qcow2", vec!["-c"]),
+        (
+            "z.qcow2",
+            vec!["-c", "-o", "compression_type=zstd,cluster_size=4k"],
+        ),
+        ("p.qcow2", vec!["-o", "compat=0.10,cluster_size=512"]),
+        ("r1.qcow2", vec!["-o", "refcount_bits=1"]),
+        ("m.qcow2", vec!["-o", "preallocation=metadata"]),
+    ] {
+        let img = convert(d, &raw, name, &extra);
+        let mut model = std::fs::read(&raw).unwrap();
+        {
+            let dev = common::open_rw(&img);
+            let mut rng = testsupport::TestRng::new(9);
+            for i in 0..40u64 {
+                let off = rng.next_u64() % (SIZE - 1);
+                let len = (rng.next_u64() % 150_000 + 1).min(SIZE - off);
+                if i % 3 == 0 {
+                    dev.write_zeroes(off, len, i % 2 == 0).unwrap();
+                    model[off as usize..(off + len) as usize].fill(0);
+                } else {
+                    let b = vec![i as u8 + 1; len as usize];
+                    dev.write_at(&b, off).unwrap();
+                    model[off as usize..(off + len) as usize].copy_from_slice(&b);
+                }
+            }
+            dev.flush().unwrap();
+            let rep = dev.check().unwrap();
+            assert!(rep.findings.is_empty(), "{name}: {:?}", rep.findings);
+        }
+        common::qemu_check_clean(&img);
+        let m = d.join("model.raw");
+        std::fs::write(&m, &model).unwrap();
+        let (rc, out, err) = common::qemu_img(&[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "qcow2",
+            m.to_str().unwrap(),
+            img.to_str().unwrap(),
+        ]);
+        assert_eq!(rc, 0, "{name}: {out} {err}");
+    }
+}
