@@ -113,7 +113,7 @@ impl VhdxImage {
         let mut slot = hs.slot;
         if !h.log_guid.is_zero() && log_len > 0 {
             let img = log::read_log(&*storage, log_off, log_len, opts.limits)?;
-            let sc = log::scan(&img, &h.log_guid);
+            let sc = log::scan(&img, &h.log_guid).map_err(|e| e.with_offset(log_off))?;
             if sc.replay.is_empty() {
                 // Nothing to replay (a writer can crash after setting LogGuid and before its
                 // first entry is durable). A read-write open clears the LogGuid.

@@ -12,6 +12,9 @@ use crate::format::*;
 /// LastFileOffset or zero descriptor must not make us write exabytes).
 const MAX_REPLAY_GROWTH: u64 = 1 << 40;
 
+/// Checksummed bytes a log scan may spend, as a multiple of the log length (plus 64 MiB).
+const SCAN_BUDGET_FACTOR: u64 = 16;
+
 /// One descriptor of a log entry.
 #[derive(Debug, Clone)]
 pub enum Descriptor {
@@ -78,7 +81,7 @@ fn ring(log: &[u8], pos: u64, len: u64) -> Vec<u8> {
 }
 
 /// Parses and fully validates the entry at ring position `pos`; `None` if invalid.
-fn parse_entry(log: &[u8], pos: u64, guid: &Guid) -> Option<Entry> {
+fn parse_entry(log: &[u8], pos: u64, guid: &Guid, budget: &mut u64) -> Option<Entry> {
     let l = log.len() as u64;
     let h = ring(log, pos, LOG_SECTOR);
     if !has_sig(&h, 0, LOG_ENTRY_SIGNATURE) {
@@ -99,6 +102,13 @@ fn parse_entry(log: &[u8], pos: u64, guid: &Guid) -> Option<Entry> {
     if desc_sectors > length / LOG_SECTOR {
         return None;
     }
+    // Every entry that passes the cheap checks costs a checksum over its length; a hostile
+    // log could make that quadratic, so the scan has a total budget.
+    if length > *budget {
+        *budget = 0;
+        return None;
+    }
+    *budget -= length;
     let e = ring(log, pos, length);
     let stored = le32(&e, 4);
     if crc32c_without(&e, 4) != stored {
@@ -154,12 +164,15 @@ fn parse_entry(log: &[u8], pos: u64, guid: &Guid) -> Option<Entry> {
 
 /// Finds the active sequence of a log image (MS-VHDX §2.3.2, with the corrections of the
 /// format digest §9: replay from head.Tail, LogGuid filter, wrapping entries).
-pub fn scan(log: &[u8], guid: &Guid) -> LogScan {
+pub fn scan(log: &[u8], guid: &Guid) -> Result<LogScan> {
     let l = log.len() as u64;
     let mut out = LogScan::default();
     if l == 0 || guid.is_zero() {
-        return out;
+        return Ok(out);
     }
+    let mut budget = l
+        .saturating_mul(SCAN_BUDGET_FACTOR)
+        .saturating_add(64 * MIB);
     let max_entries = l / LOG_SECTOR;
     let mut best: Option<Vec<Entry>> = None;
     let mut pos = 0u64;
@@ -170,7 +183,7 @@ pub fn scan(log: &[u8], guid: &Guid) -> LogScan {
         let mut p = pos;
         let mut advanced = 0u64;
         while (run.len() as u64) < max_entries {
-            let Some(e) = parse_entry(log, p, guid) else {
+            let Some(e) = parse_entry(log, p, guid, &mut budget) else {
                 break;
             };
             if let Some(last) = run.last() {
@@ -201,8 +214,15 @@ pub fn scan(log: &[u8], guid: &Guid) -> LogScan {
             pos += LOG_SECTOR;
         }
     }
+    if budget == 0 {
+        return Err(Error::corrupt(
+            "log",
+            0,
+            "the log holds too many overlapping entry candidates to scan (hostile log?)",
+        ));
+    }
     out.replay = best.unwrap_or_default();
-    out
+    Ok(out)
 }
 
 /// Reads the log region of the file.
@@ -489,7 +509,7 @@ mod tests {
         assert_eq!(e.len(), 8192);
         log[60 * 1024..].copy_from_slice(&e[..4096]);
         log[..4096].copy_from_slice(&e[4096..]);
-        let s = scan(&log, &g);
+        let s = scan(&log, &g).unwrap();
         assert_eq!(s.replay.len(), 1);
         match &s.replay[0].descriptors[0] {
             Descriptor::Data { offset, data } => {
@@ -499,6 +519,6 @@ mod tests {
             Descriptor::Zero { .. } => panic!(),
         }
         // A different LogGuid hides it.
-        assert!(scan(&log, &Guid([8; 16])).replay.is_empty());
+        assert!(scan(&log, &Guid([8; 16])).unwrap().replay.is_empty());
     }
 }

@@ -720,3 +720,24 @@ fn x22_unaligned_io() {
     assert_eq!(e.kind(), ErrorKind::OutOfBounds);
     let _ = crc32c(b"x");
 }
+
+#[test]
+fn x08_log_scan_is_bounded() {
+    // Every sector of an 8 MiB log claims to start an entry spanning the whole log, with the
+    // right LogGuid and a bad checksum: a naive scan checksums 2048 x 8 MiB.
+    let guid = Guid([0x42; 16]);
+    let len = 8 << 20;
+    let mut log = vec![0u8; len];
+    for p in (0..len).step_by(4096) {
+        log[p..p + 4].copy_from_slice(b"loge");
+        put32(&mut log, p + 8, len as u32);
+        put64(&mut log, p + 16, 1 + p as u64);
+        log[p + 32..p + 48].copy_from_slice(&guid.0);
+    }
+    let t = std::time::Instant::now();
+    let r = vhdx::log::scan(&log, &guid);
+    assert!(t.elapsed().as_secs() < 20);
+    let e = r.err().unwrap();
+    assert_eq!(e.kind(), ErrorKind::Corrupt);
+    assert_eq!(e.field(), Some("log"));
+}
