@@ -622,7 +622,9 @@ impl VhdxImage {
             let e = entry(&newbat, bi);
             let st = bat::state(e);
             let whole = n == bs || (inb == 0 && pos + n == self.meta.disk_size);
-            if buf.is_none() && whole {
+            // A fixed image (LeaveBlockAllocated) keeps its blocks: zeros are written in place.
+            let keep = self.meta.leave_allocated && st == PAYLOAD_FULLY_PRESENT;
+            if buf.is_none() && whole && !keep {
                 if st != PAYLOAD_ZERO || bat::offset(e) != 0 {
                     self.set_entry(&mut pending, &mut newbat, bi, bat::entry(PAYLOAD_ZERO, 0))?;
                 }

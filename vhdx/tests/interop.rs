@@ -200,6 +200,11 @@ fn create_then_write_in_place_qemu() {
         qemu_check(&p);
         qemu_compare(&raw, &p);
         let img = open_path(&p, false).unwrap();
+        if sub == Subformat::Fixed {
+            // LeaveBlockAllocated: zeroing a whole block keeps it allocated.
+            let info = img.info();
+            assert_eq!(info.format_specific["bat_states"]["fully_present"], 13);
+        }
         assert!(img.log_state().log_guid.is_zero());
         assert_eq!(img.check().unwrap().corruptions(), 0);
         let (h, _, _) = libvhdi_read(&p, None);
