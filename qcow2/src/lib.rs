@@ -16,6 +16,18 @@
 //! * [`create`] and [`Qcow2Writer`]: new images; the writer lays clusters out sequentially,
 //!   optionally compressing them on every core, and writes metadata once at the end.
 //! * [`repair_leaks`]: `check -r leaks`.
+//!
+//! ## Policies
+//!
+//! * Strict reading: a data pointer past the end of the file is an error naming the field
+//!   and offset, except inside the last, partly written cluster (qemu leaves it short), which
+//!   reads as zeros. Compressed streams must decode to exactly one cluster.
+//! * Referenced files (backing file, external data file) are opened only through the caller's
+//!   gate; protocol and `json:` names are refused before the gate is asked.
+//! * Writes in place follow `hostile-inputs.md` §3.1 (data, refcount, barrier, mapping,
+//!   barrier, free). Images with the dirty or corrupt bit, internal snapshots, extended L2
+//!   entries or an external data file refuse to be opened for writing; the L1 table never
+//!   needs to grow because images are not resized.
 #![forbid(unsafe_code)]
 
 mod check;

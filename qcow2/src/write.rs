@@ -580,6 +580,7 @@ impl Qcow2Image {
             .map_err(|_| poisoned())?
             .backing_file
             .is_some();
+        let mut batch: Vec<u64> = Vec::new();
         let mut g = offset;
         let end = offset + len;
         while g < end {
@@ -597,27 +598,42 @@ impl Qcow2Image {
                 g += n;
                 continue;
             }
-            if !whole || !v3 {
+            if !whole || (!v3 && has_backing) {
                 let z = vec![0u8; usize::try_from(n).unwrap_or(0)];
                 self.write_impl(&z, g)?;
                 g += n;
                 continue;
             }
-            let mut st = self.alloc.lock().map_err(|_| poisoned())?;
-            self.prepare_write(&mut st)?;
-            match m {
+            batch.push(gc);
+            if batch.len() >= 4096 {
+                self.zero_batch(&mut batch, deallocate || !v3, has_backing)?;
+            }
+            g += n;
+        }
+        self.zero_batch(&mut batch, deallocate || !v3, has_backing)?;
+        Ok(())
+    }
+
+    /// Points whole clusters at zero (or nothing), then frees what they held: one barrier.
+    /// Mappings are looked up again under the allocation lock.
+    fn zero_batch(&self, batch: &mut Vec<u64>, deallocate: bool, has_backing: bool) -> Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let mut st = self.alloc.lock().map_err(|_| poisoned())?;
+        self.prepare_write(&mut st)?;
+        let mut old = Vec::new();
+        for gc in batch.drain(..) {
+            match self.lookup(gc)? {
                 Mapping::Normal { host, copied: true } if !deallocate => {
                     self.set_l2_entry(&mut st, gc, host | OFLAG_ZERO | OFLAG_COPIED)?;
                 }
-                _ => {
-                    let e = if has_backing { OFLAG_ZERO } else { 0 };
-                    self.set_l2_entry(&mut st, gc, e)?;
-                    self.release_all(&mut st, std::iter::once(m))?;
+                m => {
+                    self.set_l2_entry(&mut st, gc, if has_backing { OFLAG_ZERO } else { 0 })?;
+                    old.push(m);
                 }
             }
-            drop(st);
-            g += n;
         }
-        Ok(())
+        self.release_all(&mut st, old.into_iter())
     }
 }
