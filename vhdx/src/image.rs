@@ -58,6 +58,9 @@ enum Class {
     Parent,
 }
 
+/// The sector bitmap bytes of one block: (block, bytes, first sector index in the chunk).
+type BitmapCache = Option<(u64, Vec<u8>, u64)>;
+
 /// An open VHDX image.
 pub struct VhdxImage {
     storage: Box<dyn Storage>,
@@ -389,7 +392,13 @@ impl VhdxImage {
     }
 
     /// The run starting at guest `pos` inside its block: (class, length).
-    fn piece(&self, bat: &[u64], pos: u64, limit: u64) -> Result<(Class, u64)> {
+    fn piece(
+        &self,
+        bat: &[u64],
+        pos: u64,
+        limit: u64,
+        cache: &mut BitmapCache,
+    ) -> Result<(Class, u64)> {
         let bs = self.geom.block_size;
         let blk = pos / bs;
         let inb = pos % bs;
@@ -403,10 +412,17 @@ impl VhdxImage {
             return Ok((c, n));
         }
         let host = bat::offset(e);
-        let (bits, base) = self.bitmap_bits(bat, blk, pos, n)?;
+        if cache.as_ref().is_none_or(|c| c.0 != blk) {
+            let (bits, base) = self.bitmap_bits(bat, blk, blk * bs, bs)?;
+            *cache = Some((blk, bits, base));
+        }
+        let (bits, base) = match cache.as_ref() {
+            Some((_, b, base)) => (b.as_slice(), *base),
+            None => (&[][..], 0),
+        };
         let ls = u64::from(self.geom.logical);
         let bit = |p: u64| {
-            let s = (p / ls) % SECTORS_PER_CHUNK - base;
+            let s = ((p / ls) % SECTORS_PER_CHUNK).wrapping_sub(base);
             bits.get((s / 8) as usize)
                 .is_some_and(|b| b & (1 << (s % 8)) != 0)
         };
@@ -792,9 +808,10 @@ impl BlockDevice for VhdxImage {
         check_range(self.meta.disk_size, offset, len)?;
         let bat = self.bat.read().map_err(|_| lock_err())?;
         let mut done = 0u64;
+        let mut cache = None;
         while done < len {
             let pos = offset + done;
-            let (class, n) = self.piece(&bat, pos, len - done)?;
+            let (class, n) = self.piece(&bat, pos, len - done, &mut cache)?;
             let out = buf
                 .get_mut(done as usize..(done + n) as usize)
                 .unwrap_or_default();
@@ -846,9 +863,10 @@ impl BlockDevice for VhdxImage {
         }
         let limit = (size - offset).min(max_len.max(1));
         let bat = self.bat.read().map_err(|_| lock_err())?;
-        let (first, mut len) = self.piece(&bat, offset, limit)?;
+        let mut cache = None;
+        let (first, mut len) = self.piece(&bat, offset, limit, &mut cache)?;
         while len < limit {
-            let (c, n) = self.piece(&bat, offset + len, limit - len)?;
+            let (c, n) = self.piece(&bat, offset + len, limit - len, &mut cache)?;
             let same = match (first, c) {
                 (Class::Data(a), Class::Data(b)) => a + len == b,
                 (a, b) => a == b,

@@ -205,3 +205,43 @@ fn concurrent_readers_and_a_writer() {
         assert_eq!(all[i * MIB as usize + 4096], i as u8 + 1);
     }
 }
+
+#[test]
+fn sector_bitmap_is_lsb_first() {
+    let pbytes = create_mem(&CreateOptions {
+        size: 4 * MIB,
+        block_size: MIB,
+        ..CreateOptions::default()
+    });
+    let parent = open_with(
+        Box::new(MemStorage::read_only(pbytes.clone())),
+        false,
+        &DirGate::new(),
+        0,
+    )
+    .unwrap();
+    let child = create_mem(&CreateOptions {
+        block_size: MIB,
+        parent: Some(link_of(&parent)),
+        ..CreateOptions::default()
+    });
+    let store = Arc::new(MemStorage::from_vec(child));
+    let gate = MemGate { parent: pbytes };
+    let img = open_with(Box::new(store.clone()), true, &gate, 0).unwrap();
+    // Sector 1 and sector 10 of the first block.
+    img.write_at(&[7u8; 512], 512).unwrap();
+    img.write_at(&[8u8; 512], 10 * 512).unwrap();
+    img.flush().unwrap();
+    let bat = img.bat_entries();
+    let cr = vhdx::format::chunk_ratio(MIB, 512) as usize;
+    let sb = bat[cr] & vhdx::format::BAT_OFFSET_MASK;
+    assert_eq!(bat[cr] & 7, 6);
+    assert_eq!(bat[0] & 7, 7, "PARTIALLY_PRESENT");
+    let raw = store.to_vec();
+    assert_eq!(raw[sb as usize], 0b0000_0010);
+    assert_eq!(raw[sb as usize + 1], 0b0000_0100);
+    // And reading follows the bits: sector 0 from the parent (zeros), sector 1 from the child.
+    let mut b = vec![0u8; 1024];
+    img.read_at(&mut b, 0).unwrap();
+    assert!(b[..512].iter().all(|&x| x == 0) && b[512..].iter().all(|&x| x == 7));
+}
