@@ -127,7 +127,7 @@ impl Ctx<'_> {
                     Err(err) => self.corrupt(&f2, eat, err.message().to_string()),
                     Ok(Mapping::Unallocated) | Ok(Mapping::Zero { host: None }) => {}
                     Ok(Mapping::Normal { host, copied }) => {
-                        self.allocated += 1;
+                        self.allocated += u64::from(active);
                         if !geo.data_file {
                             self.inc(host, self.cs, &f2);
                             if active {
@@ -137,7 +137,7 @@ impl Ctx<'_> {
                     }
                     Ok(Mapping::Sub { host, .. }) => {
                         if host != 0 && !geo.data_file {
-                            self.allocated += 1;
+                            self.allocated += u64::from(active);
                             self.inc(host, self.cs, &f2);
                             if active {
                                 self.copied
@@ -155,8 +155,8 @@ impl Ctx<'_> {
                         }
                     }
                     Ok(Mapping::Compressed { offset, len }) => {
-                        self.allocated += 1;
-                        self.compressed += 1;
+                        self.allocated += u64::from(active);
+                        self.compressed += u64::from(active);
                         if e2 & OFLAG_COPIED != 0 {
                             self.corrupt(&f2, eat, "compressed cluster has the COPIED flag");
                         }

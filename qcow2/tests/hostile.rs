@@ -622,3 +622,61 @@ fn q25_truncation_and_polyglots() {
     b[512..520].copy_from_slice(b"EFI PART");
     assert!(open(b).is_ok());
 }
+
+#[test]
+fn random_byte_flips_never_panic() {
+    let originals = [
+        base_with(CreateOptions {
+            size: 2 << 20,
+            cluster_bits: 12,
+            ..CreateOptions::default()
+        }),
+        base_with(CreateOptions {
+            size: 2 << 20,
+            cluster_bits: 12,
+            compress: true,
+            ..CreateOptions::default()
+        }),
+        base_with(CreateOptions {
+            size: 2 << 20,
+            cluster_bits: 9,
+            version: 2,
+            ..CreateOptions::default()
+        }),
+    ];
+    let mut rng = testsupport::TestRng::new(77);
+    for orig in &originals {
+        // Metadata lives at the start (header) and the end (tables): flip there.
+        for _ in 0..150 {
+            let mut b = orig.clone();
+            for _ in 0..1 + rng.next_u64() % 4 {
+                let region = if rng.next_u64() % 3 == 0 {
+                    0..200
+                } else {
+                    b.len() - 16384..b.len()
+                };
+                let i = region.start + (rng.next_u64() as usize) % (region.end - region.start);
+                b[i] ^= 1 << (rng.next_u64() % 8);
+            }
+            let Ok(img) = open(b.clone()) else { continue };
+            let size = img.size().min(4 << 20);
+            let mut buf = vec![0u8; 65536];
+            let mut off = 0;
+            while off < size {
+                let n = (size - off).min(buf.len() as u64) as usize;
+                let _ = img.read_at(&mut buf[..n], off);
+                match img.block_status(off, size - off) {
+                    Ok(e) => assert!(e.len > 0),
+                    Err(_) => {}
+                }
+                off += n as u64;
+            }
+            let _ = img.check();
+            let _ = img.info();
+            if let Ok(w) = open_rw(b) {
+                let _ = w.write_at(&[1u8; 5000], 1000);
+                let _ = w.write_zeroes(0, 8192, true);
+            }
+        }
+    }
+}
