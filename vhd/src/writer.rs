@@ -17,6 +17,8 @@ pub struct VhdWriter {
     batmap: Option<Vec<u8>>,
     /// The block being filled: (index, bitmap + data).
     cur: Option<(u64, Vec<u8>)>,
+    /// A block buffer to reuse.
+    spare: Option<Vec<u8>>,
     next: u64,
     limits: Limits,
 }
@@ -56,6 +58,7 @@ impl VhdWriter {
             bat,
             batmap,
             cur: None,
+            spare: None,
             next,
             limits: limits.clone(),
         })
@@ -80,7 +83,13 @@ impl VhdWriter {
         if self.cur.as_ref().map(|(b, _)| *b) != Some(blk) {
             self.emit()?;
             let len = self.layout.bitmap_size + self.layout.block_size;
-            let mut buf = try_alloc(len, &self.limits, "block buffer")?;
+            let mut buf = match self.spare.take() {
+                Some(mut b) => {
+                    b.fill(0);
+                    b
+                }
+                None => try_alloc(len, &self.limits, "block buffer")?,
+            };
             if !self.has_parent {
                 // Without a parent every sector of an allocated block holds data (zeros
                 // where nothing was written).
@@ -119,6 +128,7 @@ impl VhdWriter {
                 set_bit_msb(bm, blk);
             }
         }
+        self.spare = Some(buf);
         Ok(())
     }
 

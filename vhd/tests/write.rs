@@ -217,3 +217,45 @@ fn differencing_clear_bits_read_parent_and_lsb_order() {
     check(v, true);
     assert_eq!(bitmap_size(BS), 512);
 }
+
+#[test]
+fn concurrent_readers_and_writers() {
+    let (p, data) = parent_image(Dialect::Standard);
+    let child = new_child(&p, Dialect::Standard);
+    let gate = MemGate(p);
+    let img = open_rw(&child, &gate);
+    let chunk = (SIZE / 4) / 512 * 512;
+    std::thread::scope(|s| {
+        for t in 0..4u64 {
+            let img = &img;
+            s.spawn(move || {
+                // Each writer owns a quarter; readers check the parent's bytes stay visible
+                // outside what was written.
+                let base = t * chunk;
+                for i in 0..20u64 {
+                    let off = base + (i * 37_000) % (chunk - 5000);
+                    img.write_at(&[t as u8 + 1; 3000], off).unwrap();
+                }
+            });
+        }
+        for _ in 0..2 {
+            let img = &img;
+            s.spawn(move || {
+                let mut buf = vec![0u8; 1 << 20];
+                for k in 0..10u64 {
+                    let off = (k * 300_000) % (SIZE - (1 << 20));
+                    img.read_at(&mut buf, off).unwrap();
+                }
+            });
+        }
+    });
+    let mut model = data;
+    for t in 0..4u64 {
+        let base = t * chunk;
+        for i in 0..20u64 {
+            let off = (base + (i * 37_000) % (chunk - 5000)) as usize;
+            model[off..off + 3000].fill(t as u8 + 1);
+        }
+    }
+    verify(&img, &model);
+}

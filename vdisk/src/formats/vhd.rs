@@ -82,7 +82,8 @@ fn options(spec: &CreateSpec<'_>) -> Result<CreateOptions> {
             // directory: exactly what the W2ru locator records.
             let reference = std::path::Path::new(&p.reference);
             if !p.reference.is_empty() && reference.is_relative() {
-                link.relative = p.reference.replace('\\', "/");
+                let rel = p.reference.replace('\\', "/");
+                link.relative = rel.trim_start_matches("./").to_string();
             }
             Some(link)
         }
