@@ -113,15 +113,28 @@ pub fn validate(
     fixed_spans: &[Span],
 ) -> Vec<(String, u64, String)> {
     let mut problems = Vec::new();
-    let mut spans: Vec<Span> = fixed_spans.to_vec();
+    // (start, end, owner): owner < bat.len() is a BAT index, otherwise fixed_spans[owner - len].
+    let mut spans: Vec<(u64, u64, usize)> = Vec::new();
+    let n = bat.len();
+    if spans.try_reserve(n.saturating_add(fixed_spans.len())).is_err() {
+        problems.push((
+            "bat".to_string(),
+            bat_off,
+            "not enough memory to check the BAT for overlaps".to_string(),
+        ));
+        return problems;
+    }
+    for (k, f) in fixed_spans.iter().enumerate() {
+        spans.push((f.start, f.end, n + k));
+    }
     for (i, &e) in bat.iter().enumerate() {
         let idx = i as u64;
         let eoff = bat_off + idx * 8;
-        let field = format!("bat_entry[{i}]");
+        let field = || format!("bat_entry[{i}]");
         let st = state(e);
         let off = offset(e);
         if e & BAT_RESERVED_MASK != 0 {
-            problems.push((field.clone(), eoff, format!("reserved bits set in {e:#x}")));
+            problems.push((field(), eoff, format!("reserved bits set in {e:#x}")));
         }
         let is_sb = g.is_bitmap_index(idx);
         let len = if is_sb {
@@ -130,7 +143,7 @@ pub fn validate(
                 SB_PRESENT => SECTOR_BITMAP_BLOCK,
                 _ => {
                     problems.push((
-                        field,
+                        field(),
                         eoff,
                         format!("sector-bitmap entry has invalid state {st}"),
                     ));
@@ -150,7 +163,7 @@ pub fn validate(
                     let sbi = g.bitmap_of_block(blk);
                     if bat.get(sbi).is_none_or(|e| state(*e) != SB_PRESENT) {
                         problems.push((
-                            field.clone(),
+                            field(),
                             eoff,
                             format!(
                                 "PARTIALLY_PRESENT block whose sector-bitmap entry {sbi} is not present"
@@ -161,72 +174,71 @@ pub fn validate(
                 }
                 PAYLOAD_PARTIALLY_PRESENT => {
                     problems.push((
-                        field,
+                        field(),
                         eoff,
                         "PARTIALLY_PRESENT block in an image without a parent".into(),
                     ));
                     continue;
                 }
                 _ => {
-                    problems.push((field, eoff, format!("invalid payload block state {st}")));
+                    problems.push((field(), eoff, format!("invalid payload block state {st}")));
                     continue;
                 }
             }
         };
         if off < HEADER_SECTION {
             problems.push((
-                field,
+                field(),
                 eoff,
                 format!("block at file offset {off:#x} lies in the header section"),
             ));
             continue;
         }
         let Some(end) = off.checked_add(len) else {
-            problems.push((field, eoff, "block offset overflows".into()));
+            problems.push((field(), eoff, "block offset overflows".into()));
             continue;
         };
         if end > file_len {
             problems.push((
-                field,
+                field(),
                 eoff,
                 format!("block [{off:#x}, {end:#x}) lies past the end of the file ({file_len:#x})"),
             ));
             continue;
         }
-        spans.push(Span {
-            start: off,
-            end,
-            what: field,
-        });
+        spans.push((off, end, i));
     }
-    spans.sort_by_key(|s| (s.start, s.end));
+    spans.sort_unstable();
+    let name = |o: usize| {
+        if o < n {
+            format!("bat_entry[{o}]")
+        } else {
+            fixed_spans
+                .get(o - n)
+                .map(|s| s.what.clone())
+                .unwrap_or_default()
+        }
+    };
     for w in spans.windows(2) {
         if let [a, b] = w {
-            if b.start < a.end {
-                let (f, o) = parse_field(&b.what, &a.what, bat_off);
+            if b.0 < a.1 {
+                // Name the BAT entry (the later one when both are entries).
+                let owner = if b.2 < n { b.2 } else { a.2 };
                 problems.push((
-                    f,
-                    o,
+                    name(owner),
+                    bat_off + (owner.min(n) as u64) * 8,
                     format!(
                         "{} [{:#x}, {:#x}) overlaps {} [{:#x}, {:#x})",
-                        b.what, b.start, b.end, a.what, a.start, a.end
+                        name(b.2),
+                        b.0,
+                        b.1,
+                        name(a.2),
+                        a.0,
+                        a.1
                     ),
                 ));
             }
         }
     }
     problems
-}
-
-fn parse_field(b: &str, a: &str, bat_off: u64) -> (String, u64) {
-    for name in [b, a] {
-        if let Some(n) = name
-            .strip_prefix("bat_entry[")
-            .and_then(|s| s.strip_suffix(']'))
-            .and_then(|s| s.parse::<u64>().ok())
-        {
-            return (name.to_string(), bat_off + n * 8);
-        }
-    }
-    (b.to_string(), bat_off)
 }
