@@ -123,13 +123,19 @@ impl Qcow2Image {
                     )
                     .with_field("snapshots_offset")
                 })?;
-                let s = list
-                    .iter()
-                    .find(|s| s.name == *name)
-                    .or_else(|| list.iter().find(|s| s.id == *name))
-                    .ok_or_else(|| {
-                        Error::invalid_argument(format!("no internal snapshot named '{name}'"))
-                    })?;
+                // qemu spellings: `snapshot.name=N`, `snapshot.id=I`, or a bare name or id.
+                let s = if let Some(n) = name.strip_prefix("snapshot.name=") {
+                    list.iter().find(|s| s.name == n)
+                } else if let Some(i) = name.strip_prefix("snapshot.id=") {
+                    list.iter().find(|s| s.id == i)
+                } else {
+                    list.iter()
+                        .find(|s| s.name == *name)
+                        .or_else(|| list.iter().find(|s| s.id == *name))
+                }
+                .ok_or_else(|| {
+                    Error::invalid_argument(format!("no internal snapshot named '{name}'"))
+                })?;
                 check_snapshot_l1(s, cs, file_len)?;
                 (s.l1_table_offset, s.l1_size, Some(s.name.clone()))
             }
