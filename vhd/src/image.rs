@@ -548,25 +548,61 @@ impl VhdImage {
 
     fn write_dyn(&self, d: &Dyn, buf: &[u8], offset: u64) -> Result<()> {
         let _g = self.write_lock.lock().map_err(|_| lock_err())?;
-        let len = buf.len() as u64;
-        let a = offset / SECTOR * SECTOR;
-        let e = (offset + len).div_ceil(SECTOR) * SECTOR;
-        if a == offset && e == offset + len {
+        let end = offset + buf.len() as u64;
+        let head = offset / SECTOR * SECTOR;
+        let tail = end.div_ceil(SECTOR) * SECTOR;
+        if head == offset && tail == end {
             return self.write_aligned(d, buf, offset);
         }
-        let mut tmp = try_alloc(e - a, &Limits::default(), "write buffer")?;
-        // Only the partial first and last sectors need their old content.
-        self.read_dyn(d, tmp.get_mut(..SECTOR as usize).unwrap_or_default(), a)?;
-        let last = e - SECTOR;
-        if last > a {
-            let from = (last - a) as usize;
-            self.read_dyn(d, tmp.get_mut(from..).unwrap_or_default(), last)?;
+        if tail - head <= 4 << 20 {
+            // Small unaligned writes go through one aligned buffer, so that a block is
+            // allocated (or its bitmap updated) once, with the whole write.
+            let mut tmp = vec![0u8; (tail - head) as usize];
+            self.read_dyn(d, tmp.get_mut(..SECTOR as usize).unwrap_or_default(), head)?;
+            if tail - SECTOR > head {
+                let from = (tail - SECTOR - head) as usize;
+                self.read_dyn(d, tmp.get_mut(from..).unwrap_or_default(), tail - SECTOR)?;
+            }
+            let from = (offset - head) as usize;
+            if let Some(dst) = tmp.get_mut(from..from + buf.len()) {
+                dst.copy_from_slice(buf);
+            }
+            return self.write_aligned(d, &tmp, head);
         }
-        let from = (offset - a) as usize;
-        if let Some(dst) = tmp.get_mut(from..from + buf.len()) {
-            dst.copy_from_slice(buf);
+        let mut pos = offset;
+        // A partial first sector: read, patch, write back whole.
+        if head != offset || end - head < SECTOR {
+            let upto = end.min(head + SECTOR);
+            let mut sec = [0u8; SECTOR as usize];
+            self.read_dyn(d, &mut sec, head)?;
+            let from = (offset - head) as usize;
+            let n = (upto - offset) as usize;
+            if let (Some(dst), Some(src)) = (sec.get_mut(from..from + n), buf.get(..n)) {
+                dst.copy_from_slice(src);
+            }
+            self.write_aligned(d, &sec, head)?;
+            pos = upto;
         }
-        self.write_aligned(d, &tmp, a)
+        // Whole sectors straight from the caller's buffer.
+        let mid_end = end / SECTOR * SECTOR;
+        if mid_end > pos {
+            let src = buf
+                .get((pos - offset) as usize..(mid_end - offset) as usize)
+                .unwrap_or_default();
+            self.write_aligned(d, src, pos)?;
+            pos = mid_end;
+        }
+        // A partial last sector.
+        if pos < end {
+            let mut sec = [0u8; SECTOR as usize];
+            self.read_dyn(d, &mut sec, pos)?;
+            let n = (end - pos) as usize;
+            if let (Some(dst), Some(src)) = (sec.get_mut(..n), buf.get((pos - offset) as usize..)) {
+                dst.copy_from_slice(src);
+            }
+            self.write_aligned(d, &sec, pos)?;
+        }
+        Ok(())
     }
 
     /// Writes sector-aligned data; the write lock is held.

@@ -259,3 +259,18 @@ fn concurrent_readers_and_writers() {
     }
     verify(&img, &model);
 }
+
+#[test]
+fn large_unaligned_write_in_differencing_disk() {
+    let (p, data) = parent_image(Dialect::Standard);
+    let child = new_child(&p, Dialect::Standard);
+    let gate = MemGate(p);
+    let img = open_rw(&child, &gate);
+    let (off, len) = (700u64, SIZE as usize - 1400);
+    let mut buf = vec![0u8; len];
+    TestRng::new(77).fill(&mut buf);
+    img.write_at(&buf, off).unwrap();
+    let mut model = data;
+    model[off as usize..off as usize + len].copy_from_slice(&buf);
+    verify(&img, &model);
+}
