@@ -252,6 +252,15 @@ fn differencing_create_convert_and_read_through_parent() {
         out.contains("Differential") || out.contains("differential"),
         "{out}"
     );
+    let parent_uuid = info.format_specific["parent_uuid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        out.lines()
+            .any(|l| l.contains("Parent identifier") && l.contains(&parent_uuid)),
+        "{out}"
+    );
 
     // create -b: an empty differencing disk reads exactly as its parent.
     let empty = dir.path().join("empty.vhd");
