@@ -123,8 +123,10 @@ const WBUF: usize = 4 << 20;
 
 impl Qcow2Writer {
     /// A writer of a new image with `opts` onto the empty `storage`.
-    pub fn new(storage: Box<dyn Storage>, opts: CreateOptions) -> Result<Self> {
+    /// The virtual size is rounded up to a whole 512-byte sector, as qemu does.
+    pub fn new(storage: Box<dyn Storage>, mut opts: CreateOptions) -> Result<Self> {
         opts.validate()?;
+        opts.size = opts.size.div_ceil(512) * 512;
         let cs = 1u64 << opts.cluster_bits;
         let pool = if opts.compress {
             let threads = if opts.threads == 0 {

@@ -278,3 +278,25 @@ fn many_l2_tables_streamed() {
     assert_eq!(e.kind, blockdev::ExtentKind::Data);
     assert_eq!(e.len, 4 << 30);
 }
+
+#[test]
+fn odd_size_rounds_up_to_a_sector() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("odd.qcow2");
+    let data = content(1_000_001, 4);
+    write_image(
+        &p,
+        &data,
+        CreateOptions {
+            size: 1_000_001,
+            ..CreateOptions::default()
+        },
+        1 << 20,
+    );
+    common::qemu_check_clean(&p);
+    let img = common::open(&p);
+    assert_eq!(img.size(), 1_000_448);
+    let mut back = vec![0u8; 1_000_448];
+    img.read_at(&mut back, 0).unwrap();
+    assert!(back[..1_000_001] == data[..] && back[1_000_001..].iter().all(|&b| b == 0));
+}
