@@ -180,7 +180,7 @@ pub(crate) fn rebuild(img: &Qcow2Image) -> Result<Rebuilt> {
     let cs = h.cluster_size();
     let file_len = img.storage.len()?;
     let nclusters = file_len.div_ceil(cs);
-    if nclusters * 4 > img.limits.max_alloc {
+    if nclusters.saturating_mul(12) > img.limits.max_alloc.saturating_mul(2) {
         return Err(Error::limit(
             "file",
             0,
