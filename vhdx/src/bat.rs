@@ -116,7 +116,10 @@ pub fn validate(
     // (start, end, owner): owner < bat.len() is a BAT index, otherwise fixed_spans[owner - len].
     let mut spans: Vec<(u64, u64, usize)> = Vec::new();
     let n = bat.len();
-    if spans.try_reserve(n.saturating_add(fixed_spans.len())).is_err() {
+    if spans
+        .try_reserve(n.saturating_add(fixed_spans.len()))
+        .is_err()
+    {
         problems.push((
             "bat".to_string(),
             bat_off,
