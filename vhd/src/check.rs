@@ -113,7 +113,12 @@ pub(crate) fn check(img: &VhdImage) -> Result<CheckReport> {
             why.clone(),
         );
     }
-    for &(start, glen) in &v.gaps {
+    // Gaps smaller than a block are alignment padding (Windows aligns blocks to 4 KiB and
+    // pads the BAT); only room for a whole block or more counts as leaked space.
+    let span = d.bitmap_size + d.block_size;
+    let padding: u64 = v.gaps.iter().filter(|g| g.1 < span).map(|g| g.1).sum();
+    r.stats.insert("padding_bytes".into(), padding.into());
+    for &(start, glen) in v.gaps.iter().filter(|g| g.1 >= span) {
         r.add(
             Severity::Leak,
             "unreferenced",

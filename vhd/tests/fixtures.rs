@@ -46,7 +46,12 @@ fn expect(rel: &str, size: u64, sha: &str) {
         assert_eq!(sha256_device(&img), sha, "{rel}: guest sha256");
     }
     let report = img.check().unwrap();
-    assert_eq!(report.corruptions(), 0, "{rel}: {:?}", report.findings);
+    assert_eq!(
+        report.corruptions() + report.leaks(),
+        0,
+        "{rel}: {:?}",
+        report.findings
+    );
 }
 
 #[test]

@@ -274,3 +274,29 @@ fn large_unaligned_write_in_differencing_disk() {
     model[off as usize..off as usize + len].copy_from_slice(&buf);
     verify(&img, &model);
 }
+
+#[test]
+fn unreferenced_block_is_a_leak() {
+    let m = Arc::new(MemStorage::new());
+    let mut o = CreateOptions::dynamic(SIZE);
+    o.block_size = BS;
+    create(m.as_ref(), &o).unwrap();
+    let img = open_rw(&m, &DenyGate);
+    img.write_at(&[1u8; 512], 0).unwrap();
+    img.write_at(&[2u8; 512], 2 << 20).unwrap();
+    drop(img);
+    let mut v = m.to_vec();
+    v[1536..1540].copy_from_slice(&[0xff; 4]);
+    let img = VhdImage::open(
+        Box::new(MemStorage::from_vec(v)),
+        &params(&DenyGate, false, None),
+    )
+    .unwrap();
+    let rep = img.check().unwrap();
+    assert_eq!(
+        (rep.corruptions(), rep.leaks()),
+        (0, 1),
+        "{:?}",
+        rep.findings
+    );
+}
