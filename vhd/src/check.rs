@@ -34,7 +34,10 @@ pub(crate) fn check(img: &VhdImage) -> Result<CheckReport> {
             );
         }
     }
-    if fi.footer.geometry.bytes() != fi.footer.current_size {
+    // The two sizes differ in most images; it matters when the CHS size is used (data past
+    // it is hidden) or when the rule was forced.
+    let differ = fi.footer.geometry.bytes() != fi.footer.current_size;
+    if differ && (img.rule == crate::header::SizeRule::Chs || img.rule_forced) {
         r.add(
             Severity::Warning,
             "footer.current_size",

@@ -110,7 +110,9 @@ impl VhdImage {
             SizeRule::Chs => f.geometry.bytes(),
             SizeRule::Current => f.current_size,
         };
-        if f.geometry.bytes() != f.current_size {
+        if f.geometry.bytes() != f.current_size
+            && (rule == SizeRule::Chs || params.size_rule.is_some())
+        {
             warnings.push(format!(
                 "CHS size {} differs from current_size {}; {} is used",
                 f.geometry.bytes(),
