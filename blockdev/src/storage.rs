@@ -287,22 +287,31 @@ impl Storage for FileStorage {
 
     fn region_at(&self, offset: u64) -> Result<StorageRegion> {
         use rustix::fs::{seek, SeekFrom};
-        let len = self.len()?;
-        if offset >= len {
-            return Ok(StorageRegion::Data(0));
-        }
-        // SEEK_DATA from `offset`: ENXIO means only a hole remains up to the end.
+        // SEEK_DATA from `offset`: ENXIO means only a hole remains up to the end (or `offset`
+        // is at or past the end). The file length is asked for only then: this runs once per
+        // extent of a conversion.
         let data = match seek(&self.file, SeekFrom::Data(offset)) {
             Ok(d) => d,
-            Err(rustix::io::Errno::NXIO) => len,
-            Err(_) => return Ok(StorageRegion::Data(len - offset)),
+            Err(rustix::io::Errno::NXIO) => {
+                let len = self.len()?;
+                return Ok(if offset >= len {
+                    StorageRegion::Data(0)
+                } else {
+                    StorageRegion::Hole(len - offset)
+                });
+            }
+            Err(_) => {
+                let len = self.len()?;
+                return Ok(StorageRegion::Data(len.saturating_sub(offset)));
+            }
         };
         if data > offset {
-            return Ok(StorageRegion::Hole(data.min(len) - offset));
+            return Ok(StorageRegion::Hole(data - offset));
         }
+        // SEEK_HOLE never passes the end of the file (there is a virtual hole there).
         let hole = match seek(&self.file, SeekFrom::Hole(offset)) {
-            Ok(h) => h.min(len),
-            Err(_) => len,
+            Ok(h) => h,
+            Err(_) => self.len()?,
         };
         Ok(StorageRegion::Data(hole.max(offset + 1) - offset))
     }

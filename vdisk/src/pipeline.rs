@@ -72,7 +72,6 @@ where
     P: Fn(&PlanItem, &[u8]) -> Result<T> + Sync,
     C: FnMut(&Processed<T>) -> Result<()>,
 {
-    let planner = Mutex::new((Planner::new(dev, cfg.unit, cfg.chunk), 0u64, false));
     let chunk =
         usize::try_from(cfg.chunk).map_err(|_| Error::invalid_argument("chunk too large"))?;
     let (pool_tx, pool_rx) = mpsc::sync_channel::<Vec<u8>>(cfg.in_flight);
@@ -87,9 +86,32 @@ where
     let cancelled = || cancel.is_some_and(|c| c.load(Ordering::Relaxed));
 
     std::thread::scope(|s| -> Result<()> {
+        // The planner runs ahead on its own thread so metadata lookups overlap with reads.
+        let (item_tx, item_rx) = mpsc::sync_channel::<(u64, Result<PlanItem>)>(cfg.in_flight * 2);
+        let (unit, plan_chunk) = (cfg.unit, cfg.chunk);
+        let stop_ref = &stop;
+        s.spawn(move || {
+            let mut planner = Planner::new(dev, unit, plan_chunk);
+            let mut seq = 0u64;
+            while !stop_ref.load(Ordering::Relaxed) {
+                let next = planner.next_item();
+                let done = !matches!(next, Ok(Some(_)));
+                let msg = match next {
+                    Ok(Some(item)) => Ok(item),
+                    Ok(None) => break,
+                    Err(e) => Err(e),
+                };
+                if item_tx.send((seq, msg)).is_err() || done {
+                    break;
+                }
+                seq += 1;
+            }
+        });
+        // Readers share the receiver; when the last one leaves, the planner's sends fail.
+        let item_rx = std::sync::Arc::new(Mutex::new(item_rx));
         for _ in 0..cfg.threads {
             let out_tx = out_tx.clone();
-            let planner = &planner;
+            let item_rx = std::sync::Arc::clone(&item_rx);
             let pool_rx = &pool_rx;
             let process = &process;
             let stop = &stop;
@@ -101,33 +123,15 @@ where
                     Some(b) => b,
                     None => return,
                 };
-                let (seq, item) = {
-                    let Ok(mut g) = planner.lock() else { return };
-                    if g.2 {
-                        return;
-                    }
-                    let next = g.0.next_item();
-                    let seq = g.1;
-                    g.1 += 1;
-                    match next {
-                        Ok(Some(item)) => (seq, item),
-                        Ok(None) => {
-                            g.2 = true;
-                            return;
-                        }
-                        Err(e) => {
-                            g.2 = true;
-                            let _ = out_tx.send((seq, Err(e)));
-                            return;
-                        }
-                    }
-                };
-                let res = read_and_process(dev, item, buf, chunk, process);
+                let next = item_rx.lock().ok().and_then(|rx| rx.recv().ok());
+                let Some((seq, item)) = next else { return };
+                let res = item.and_then(|item| read_and_process(dev, item, buf, chunk, process));
                 if out_tx.send((seq, res)).is_err() {
                     return;
                 }
             });
         }
+        drop(item_rx);
         drop(out_tx);
 
         let mut next_seq = 0u64;
