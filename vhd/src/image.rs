@@ -234,10 +234,12 @@ impl VhdImage {
             },
         ];
         for l in &locators {
-            if let Some((start, len)) = l.data_range() {
+            if let Some((start, _space)) = l.data_range() {
+                // The payload, not the declared space (which some writers overstate), is
+                // what blocks must not overlap.
                 meta.push(Region {
                     start,
-                    len: len.max(u64::from(l.entry.data_length)),
+                    len: u64::from(l.entry.data_length).div_ceil(SECTOR) * SECTOR,
                     what: format!("parent locator {} data", l.slot),
                 });
             }
