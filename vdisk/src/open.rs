@@ -150,6 +150,8 @@ impl ChainGate {
         let mut tries = Vec::new();
         let mut refused = Vec::new();
         let push = |p: PathBuf, tries: &mut Vec<PathBuf>| {
+            // Absolute, so the paths tried read clearly in errors and duplicates collapse.
+            let p = std::path::absolute(&p).unwrap_or(p);
             if !tries.contains(&p) {
                 tries.push(p);
             }
