@@ -741,3 +741,72 @@ fn x08_log_scan_is_bounded() {
     assert_eq!(e.kind(), ErrorKind::Corrupt);
     assert_eq!(e.field(), Some("log"));
 }
+
+/// Opens, reads everything, walks block_status and checks: errors are fine, panics are not.
+fn exercise(v: Vec<u8>) {
+    let Ok(img) = open(v) else { return };
+    let size = img.size();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = 0;
+    while off < size.min(64 << 20) {
+        let n = (size - off).min(buf.len() as u64) as usize;
+        let _ = img.read_at(&mut buf[..n], off);
+        match img.block_status(off, size - off) {
+            Ok(e) => {
+                assert_eq!(e.offset, off);
+                assert!(e.len > 0 && e.offset + e.len <= size);
+                off += e.len.min(n as u64).max(1);
+            }
+            Err(_) => off += n as u64,
+        }
+    }
+    let _ = img.check();
+    let _ = img.info();
+}
+
+#[test]
+fn truncation_sweep() {
+    let v = base();
+    let mut cut = 0;
+    while cut < v.len() {
+        exercise(v[..cut].to_vec());
+        cut += if cut < 320 << 10 { 4096 + 17 } else { 64 << 10 };
+    }
+}
+
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+        #[test]
+        fn random_corruption_never_panics(
+            edits in proptest::collection::vec((0usize..5 * MIB, any::<u8>()), 1..12),
+            fix in any::<bool>(),
+            region in 0usize..8,
+        ) {
+            let mut v = base();
+            if region >= 6 {
+                dirty(&mut v, |_| {});
+            }
+            // Aim most edits at one structure (6, 7: a dirty log's entry).
+            let (start, span) = [(0, 4096), (H1, 4096), (R1, 512), (META, 512), (META + (64 << 10), 256), (BAT, 256), (MIB, 256), (MIB, 8192)][region];
+            for (i, (o, b)) in edits.iter().enumerate() {
+                let at = if i % 2 == 0 { start + o % span } else { *o };
+                if at < v.len() {
+                    v[at] = *b;
+                }
+            }
+            if fix {
+                fix_headers(&mut v);
+                fix_regions(&mut v);
+                if region >= 6 {
+                    recrc(&mut v[MIB..MIB + 8192]);
+                }
+            }
+            exercise(v);
+        }
+    }
+}
