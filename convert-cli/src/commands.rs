@@ -10,6 +10,20 @@ use crate::args::{Cli, Command, OpenArgs, OutputFormat, ProgressArg, Target};
 use crate::exit::Code;
 use crate::progress::{human, Progress, ProgressMode};
 
+/// Prints a line on stdout; a closed pipe (`vdconv map x | head`) ends the program quietly
+/// with exit code 0, as for other Unix tools.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let mut out = std::io::stdout().lock();
+        if let Err(e) = writeln!(out, $($arg)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+        }
+    }};
+}
+
 /// Version of the JSON documents printed with `--output json`.
 const SCHEMA: u32 = 1;
 
@@ -127,21 +141,22 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> Result<Code> {
             let db = open_image(&b, format_b.as_deref(), &open, false)?;
             let r = vdisk::compare(da.as_ref(), db.as_ref(), strict)?;
             match output {
-                OutputFormat::Json => println!(
+                OutputFormat::Json => outln!(
                     "{}",
                     serde_json::json!({"schema": SCHEMA, "identical": r.identical,
                         "first_difference": r.first_difference, "sizes": [r.sizes.0, r.sizes.1]})
                 ),
                 OutputFormat::Human => {
                     if r.identical {
-                        println!("Images are identical.");
+                        outln!("Images are identical.");
                     } else if r.sizes.0 != r.sizes.1 && strict {
-                        println!(
+                        outln!(
                             "Strict mode: image size mismatch ({} vs {} bytes)!",
-                            r.sizes.0, r.sizes.1
+                            r.sizes.0,
+                            r.sizes.1
                         );
                     } else {
-                        println!(
+                        outln!(
                             "Content mismatch at offset {}!",
                             r.first_difference.unwrap_or(0)
                         );
@@ -163,12 +178,15 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> Result<Code> {
                     let s = serde_json::to_string_pretty(&entries).map_err(|e| {
                         Error::new(ErrorKind::Io, "cannot encode JSON").with_source(e)
                     })?;
-                    println!("{s}");
+                    outln!("{s}");
                 }
                 OutputFormat::Human => {
-                    println!(
+                    outln!(
                         "{:<20}{:<20}{:<20}{:<8}",
-                        "Offset", "Length", "Mapped to", "Kind"
+                        "Offset",
+                        "Length",
+                        "Mapped to",
+                        "Kind"
                     );
                     for e in entries.iter().filter(|e| e.data || e.present) {
                         let kind = if e.data { "data" } else { "zero" };
@@ -176,7 +194,7 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> Result<Code> {
                             .offset
                             .map(|o| format!("{o:#x}"))
                             .unwrap_or_else(|| "-".into());
-                        println!(
+                        outln!(
                             "{:<20}{:<20}{:<20}{kind} (depth {})",
                             format!("{:#x}", e.start),
                             format!("{:#x}", e.length),
@@ -202,12 +220,12 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> Result<Code> {
             let hex = vdisk::digest(dev.as_ref(), alg, Some(cancel), &mut |d, t| p.update(d, t))?;
             p.finish(dev.size());
             match output {
-                OutputFormat::Json => println!(
+                OutputFormat::Json => outln!(
                     "{}",
                     serde_json::json!({"schema": SCHEMA, "algorithm": alg.name(), "digest": hex,
                         "image": image.display().to_string(), "virtual_size": dev.size()})
                 ),
-                OutputFormat::Human => println!("{hex}  {}", image.display()),
+                OutputFormat::Human => outln!("{hex}  {}", image.display()),
             }
             Ok(Code::Ok)
         }
@@ -341,28 +359,29 @@ fn info_json(path: &Path, info: &ImageInfo) -> serde_json::Value {
 }
 
 fn print_info_human(path: &Path, info: &ImageInfo) {
-    println!("image: {}", path.display());
-    println!("file format: {}", info.format);
+    outln!("image: {}", path.display());
+    outln!("file format: {}", info.format);
     if let Some(sf) = &info.subformat {
-        println!("subformat: {sf}");
+        outln!("subformat: {sf}");
     }
-    println!(
+    outln!(
         "virtual size: {} ({} bytes)",
         human(info.virtual_size),
         info.virtual_size
     );
     if let Some(a) = disk_usage(path).or(info.actual_size) {
-        println!("disk size: {}", human(a));
+        outln!("disk size: {}", human(a));
     }
     if let Some(c) = info.cluster_size {
-        println!("cluster_size: {c}");
+        outln!("cluster_size: {c}");
     }
-    println!(
+    outln!(
         "sector size: {} logical, {} physical",
-        info.logical_sector_size, info.physical_sector_size
+        info.logical_sector_size,
+        info.physical_sector_size
     );
     if let Some(b) = &info.backing {
-        println!(
+        outln!(
             "backing file: {}{}",
             b.reference,
             if b.resolved {
@@ -375,11 +394,11 @@ fn print_info_human(path: &Path, info: &ImageInfo) {
             }
         );
         if let Some(f) = &b.format {
-            println!("backing file format: {f}");
+            outln!("backing file format: {f}");
         }
     }
     if !info.format_specific.is_empty() {
-        println!("Format specific information:");
+        outln!("Format specific information:");
         for (k, v) in &info.format_specific {
             print_value(k, v, 1);
         }
@@ -390,22 +409,22 @@ fn print_value(key: &str, v: &serde_json::Value, depth: usize) {
     let pad = "    ".repeat(depth);
     match v {
         serde_json::Value::Object(m) => {
-            println!("{pad}{key}:");
+            outln!("{pad}{key}:");
             for (k, x) in m {
                 print_value(k, x, depth + 1);
             }
         }
         serde_json::Value::Array(a) if a.iter().any(|x| x.is_object() || x.is_array()) => {
-            println!("{pad}{key}:");
+            outln!("{pad}{key}:");
             for (i, x) in a.iter().enumerate() {
                 print_value(&format!("[{i}]"), x, depth + 1);
             }
         }
         serde_json::Value::Array(a) => {
             let items: Vec<String> = a.iter().map(scalar).collect();
-            println!("{pad}{key}: {}", items.join(", "));
+            outln!("{pad}{key}: {}", items.join(", "));
         }
-        other => println!("{pad}{key}: {}", scalar(other)),
+        other => outln!("{pad}{key}: {}", scalar(other)),
     }
 }
 
@@ -465,12 +484,12 @@ fn info(
             };
             let s = serde_json::to_string_pretty(&doc)
                 .map_err(|e| Error::new(ErrorKind::Io, "cannot encode JSON").with_source(e))?;
-            println!("{s}");
+            outln!("{s}");
         }
         OutputFormat::Human => {
             for (i, (p, inf)) in layers.iter().enumerate() {
                 if i > 0 {
-                    println!();
+                    outln!();
                 }
                 print_info_human(p, inf);
             }
@@ -525,7 +544,7 @@ fn check(
             });
             let s = serde_json::to_string_pretty(&doc)
                 .map_err(|e| Error::new(ErrorKind::Io, "cannot encode JSON").with_source(e))?;
-            println!("{s}");
+            outln!("{s}");
         }
         OutputFormat::Human => {
             for f in &report.findings {
@@ -535,19 +554,19 @@ fn check(
                     Severity::Warning => "Warning",
                 };
                 let at = f.offset.map(|o| format!(" at {o:#x}")).unwrap_or_default();
-                println!("{sev}: {}{at}: {}", f.field, f.message);
+                outln!("{sev}: {}{at}: {}", f.field, f.message);
             }
             if code == Code::Ok {
-                println!("No errors were found on the image.");
+                outln!("No errors were found on the image.");
             } else {
-                println!(
+                outln!(
                     "{} errors and {} leaks were found on the image.",
                     report.corruptions(),
                     report.leaks()
                 );
             }
             for (k, v) in &report.stats {
-                println!("{k}: {}", scalar(v));
+                outln!("{k}: {}", scalar(v));
             }
         }
     }
