@@ -599,9 +599,11 @@ impl VhdxImage {
         buf: Option<&[u8]>,
         offset: u64,
         len: u64,
+        dealloc: bool,
     ) -> Result<()> {
         self.begin_write(hs)?;
         let bs = self.geom.block_size;
+        let mut freed: Vec<u64> = Vec::new();
         let mut pending: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
         let mut newbat: BTreeMap<usize, u64> = BTreeMap::new();
         let zeros;
@@ -643,6 +645,9 @@ impl VhdxImage {
             if buf.is_none() && whole && !keep {
                 if st != PAYLOAD_ZERO || bat::offset(e) != 0 {
                     self.set_entry(&mut pending, &mut newbat, bi, bat::entry(PAYLOAD_ZERO, 0))?;
+                    if dealloc && matches!(st, PAYLOAD_FULLY_PRESENT | PAYLOAD_PARTIALLY_PRESENT) {
+                        freed.push(bat::offset(e));
+                    }
                 }
                 done += n;
                 continue;
@@ -699,11 +704,17 @@ impl VhdxImage {
         // Payload data is durable before the log entry that makes it visible.
         self.storage.flush()?;
         self.commit(hs, &pending)?;
-        let mut b = self.bat.write().map_err(|_| lock_err())?;
-        for (i, e) in newbat {
-            if let Some(x) = b.get_mut(i) {
-                *x = e;
+        {
+            let mut b = self.bat.write().map_err(|_| lock_err())?;
+            for (i, e) in newbat {
+                if let Some(x) = b.get_mut(i) {
+                    *x = e;
+                }
             }
+        }
+        // The blocks are unreferenced now (the BAT change is durable): give the space back.
+        for host in freed {
+            self.storage.punch_hole(host, bs)?;
         }
         Ok(())
     }
@@ -829,10 +840,10 @@ impl BlockDevice for VhdxImage {
         self.check_write(offset, buf.len() as u64)?;
         let _w = self.write_lock.lock().map_err(|_| lock_err())?;
         let mut hs = self.hdr.lock().map_err(|_| lock_err())?;
-        self.write_inner(&mut hs, Some(buf), offset, buf.len() as u64)
+        self.write_inner(&mut hs, Some(buf), offset, buf.len() as u64, false)
     }
 
-    fn write_zeroes(&self, offset: u64, len: u64, _deallocate: bool) -> Result<()> {
+    fn write_zeroes(&self, offset: u64, len: u64, deallocate: bool) -> Result<()> {
         self.check_write(offset, len)?;
         let _w = self.write_lock.lock().map_err(|_| lock_err())?;
         let mut hs = self.hdr.lock().map_err(|_| lock_err())?;
@@ -841,7 +852,7 @@ impl BlockDevice for VhdxImage {
         let mut done = 0u64;
         while done < len {
             let n = (len - done).min(step - (offset + done) % step);
-            self.write_inner(&mut hs, None, offset + done, n)?;
+            self.write_inner(&mut hs, None, offset + done, n, deallocate)?;
             done += n;
         }
         Ok(())
