@@ -28,7 +28,21 @@
 //! * **Write** (in place): the first write renews FileWriteGuid/DataWriteGuid and sets a fresh
 //!   LogGuid (both header slots, flushed); new payload blocks are appended 1 MiB aligned; BAT and
 //!   bitmap sectors go through the log: data flush, log entry, flush, apply, flush. `flush`
-//!   empties the log (LogGuid = 0).
+//!   empties the log (LogGuid = 0). `write_zeroes` over whole blocks sets the ZERO state (and
+//!   punches the freed block when asked to deallocate), except in fixed images, whose blocks stay
+//!   allocated; partial ranges get explicit zeros (sector-bitmap bits over a parent).
+//! * **Check** ([`blockdev::BlockDevice::check`]): both headers and region tables, metadata
+//!   bounds, every BAT entry (state, inside the file, no overlap with each other, the log or the
+//!   regions), the log state, and unreferenced space at the end of the file (a leak).
+//!
+//! ## Hostile input
+//!
+//! Every count and offset is checked before use (hostile-inputs.md X1-X22, one test each in
+//! `tests/hostile.rs`); the BAT is allocated from the computed entry count through
+//! [`blockdev::Limits`], never from the region length; the log scan is bounded (each start
+//! position is visited once and checksum work has a budget); replay targets may not touch the
+//! file identifier, the headers or the log, and may grow the file by at most 1 TiB. Parent
+//! locator paths are only handed to the caller's gate as candidates.
 //! * **Create** ([`create()`]) and **convert** ([`VhdxWriter`]): a fresh file laid out as
 //!   header section, log (1 MiB), metadata (1 MiB), BAT, then payload blocks in guest order;
 //!   metadata and headers are written once at the end.
