@@ -36,7 +36,7 @@ impl Ctx<'_> {
         }
         let first = off / self.cs;
         let last = off.saturating_add(len - 1) / self.cs;
-        self.end = self.end.max((last + 1) * self.cs);
+        self.end = self.end.max(last.saturating_add(1).saturating_mul(self.cs));
         for c in first..=last {
             match usize::try_from(c).ok().and_then(|i| self.refs.get_mut(i)) {
                 Some(r) if c < self.nclusters => *r = r.saturating_add(1),
@@ -61,7 +61,9 @@ impl Ctx<'_> {
         if len == 0 {
             return;
         }
-        for c in off / self.cs..=(off + len - 1) / self.cs {
+        // Clusters past the end of the file were reported by `inc`.
+        let last = (off.saturating_add(len - 1) / self.cs).min(self.nclusters);
+        for c in off / self.cs..=last {
             self.meta.insert(c, kind);
         }
     }

@@ -167,8 +167,8 @@ impl Qcow2Image {
             let l1_end = h.l1_table_offset + u64::from(h.l1_size) * 8;
             let rt_end = h.refcount_table_offset + u64::from(h.refcount_table_clusters) * cs;
             if e < cs
-                || (e + cs > h.l1_table_offset && e < l1_end)
-                || (e + cs > h.refcount_table_offset && e < rt_end)
+                || (e.saturating_add(cs) > h.l1_table_offset && e < l1_end)
+                || (e.saturating_add(cs) > h.refcount_table_offset && e < rt_end)
             {
                 return Err(Error::corrupt(
                     "refcount_table",
