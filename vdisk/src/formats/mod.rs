@@ -126,8 +126,14 @@ pub fn check_known_options(
 }
 
 /// Frees leaked clusters of the image at `path` in place (`check -r leaks`); returns how many.
-pub fn repair_leaks(format: Format, _path: &Path) -> Result<u64> {
-    Err(Error::unsupported(format!(
-        "{format} images have no leak repair"
-    )))
+pub fn repair_leaks(format: Format, path: &Path) -> Result<u64> {
+    match format {
+        Format::Qcow2 => {
+            let storage = blockdev::FileStorage::open(path, true)?;
+            ::qcow2::repair_leaks(Box::new(storage)).map_err(|e| e.with_path(path))
+        }
+        other => Err(Error::unsupported(format!(
+            "{other} images have no leak repair (their check reports leaks only)"
+        ))),
+    }
 }
