@@ -1,8 +1,6 @@
 //! qcow2 glue: options of `create`/`convert -O qcow2` and open options (`snapshot=NAME`).
 
-use std::path::Path;
-
-use blockdev::{BlockDevice, Error, FileStorage, ImageWriter, Result, Storage};
+use blockdev::{BlockDevice, Error, ImageWriter, Result, Storage};
 use qcow2::{CreateOptions, OpenOptions, Preallocation, Qcow2Image, Qcow2Writer};
 
 use super::{check_known_options, option, CreateSpec, OpenCtx};
@@ -144,12 +142,4 @@ pub(crate) fn writer(
 ) -> Result<Box<dyn ImageWriter>> {
     let o = create_options(spec)?;
     Ok(Box::new(Qcow2Writer::new(storage, o)?))
-}
-
-/// `check -r leaks`: frees leaked clusters in place; returns how many refcounts were fixed.
-/// (Wire into `formats::repair_leaks` with `Format::Qcow2 => qcow2::repair_leaks(path)`.)
-#[allow(dead_code)]
-pub(crate) fn repair_leaks(path: &Path) -> Result<u64> {
-    let storage = FileStorage::open(path, true)?;
-    qcow2::repair_leaks(Box::new(storage)).map_err(|e| e.with_path(path))
 }
