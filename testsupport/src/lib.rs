@@ -280,5 +280,8 @@ print(h.hexdigest(), size)
     }
     let (code, out, err) = run(&mut cmd);
     assert_eq!(code, 0, "pyvhdi could not read {}: {err}", path.display());
-    out.split_whitespace().next().unwrap_or_default().to_string()
+    out.split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
 }

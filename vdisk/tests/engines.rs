@@ -121,7 +121,11 @@ fn all_sixteen_pairs_round_trip() {
                 qemu_check(&out, tf);
                 qemu_compare(&raw, Format::Raw, &out, tf);
                 if tf == Format::Vhd || tf == Format::Vhdx {
-                    assert_eq!(testsupport::pyvhdi_sha256(&out, None), want, "libvhdi reads {sf} -> {tf} ({sub}) differently");
+                    assert_eq!(
+                        testsupport::pyvhdi_sha256(&out, None),
+                        want,
+                        "libvhdi reads {sf} -> {tf} ({sub}) differently"
+                    );
                 }
                 std::fs::remove_file(&out).unwrap();
             }
