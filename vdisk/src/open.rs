@@ -197,7 +197,10 @@ impl ChainGate {
                     if inside {
                         ok.push(p);
                     } else {
-                        refused.push(format!("{} (outside the allowed directories)", p.display()));
+                        refused.push(format!(
+                            "{} (outside the image's directory; allow it with --backing-dir)",
+                            p.display()
+                        ));
                     }
                 }
                 Err(_) => refused.push(format!("{} (not found)", p.display())),
