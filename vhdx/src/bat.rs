@@ -113,23 +113,33 @@ pub fn validate(
     fixed_spans: &[Span],
 ) -> Vec<(String, u64, String)> {
     let mut problems = Vec::new();
-    // (start, end, owner): owner < bat.len() is a BAT index, otherwise fixed_spans[owner - len].
-    let mut spans: Vec<(u64, u64, usize)> = Vec::new();
-    let n = bat.len();
-    if spans
-        .try_reserve(n.saturating_add(fixed_spans.len()))
-        .is_err()
-    {
-        problems.push((
-            "bat".to_string(),
-            bat_off,
-            "not enough memory to check the BAT for overlaps".to_string(),
-        ));
-        return problems;
+    // Overlaps are found with one bit per MiB of the file (every structure is 1 MiB aligned):
+    // a 64 TiB file needs 8 MiB of bits, whatever the number of blocks.
+    let units = file_len.div_ceil(MIB);
+    let mut used = match blockdev::try_alloc(units.div_ceil(8), &Limits::default(), "bat") {
+        Ok(v) => v,
+        Err(e) => {
+            problems.push(("bat".to_string(), bat_off, e.to_string()));
+            return problems;
+        }
+    };
+    let mut mark = |start: u64, end: u64| -> bool {
+        let mut clash = false;
+        let mut u = start / MIB;
+        while u < end.div_ceil(MIB).min(units) {
+            if let Some(b) = used.get_mut((u / 8) as usize) {
+                clash |= *b & (1 << (u % 8)) != 0;
+                *b |= 1 << (u % 8);
+            }
+            u += 1;
+        }
+        clash
+    };
+    for f in fixed_spans {
+        mark(f.start, f.end);
     }
-    for (k, f) in fixed_spans.iter().enumerate() {
-        spans.push((f.start, f.end, n + k));
-    }
+    let mut clashes: Vec<(usize, u64, u64)> = Vec::new();
+    let mut more = 0u64;
     for (i, &e) in bat.iter().enumerate() {
         let idx = i as u64;
         let eoff = bat_off + idx * 8;
@@ -209,39 +219,54 @@ pub fn validate(
             ));
             continue;
         }
-        spans.push((off, end, i));
-    }
-    spans.sort_unstable();
-    let name = |o: usize| {
-        if o < n {
-            format!("bat_entry[{o}]")
-        } else {
-            fixed_spans
-                .get(o - n)
-                .map(|s| s.what.clone())
-                .unwrap_or_default()
-        }
-    };
-    for w in spans.windows(2) {
-        if let [a, b] = w {
-            if b.0 < a.1 {
-                // Name the BAT entry (the later one when both are entries).
-                let owner = if b.2 < n { b.2 } else { a.2 };
-                problems.push((
-                    name(owner),
-                    bat_off + (owner.min(n) as u64) * 8,
-                    format!(
-                        "{} [{:#x}, {:#x}) overlaps {} [{:#x}, {:#x})",
-                        name(b.2),
-                        b.0,
-                        b.1,
-                        name(a.2),
-                        a.0,
-                        a.1
-                    ),
-                ));
+        if mark(off, end) {
+            if clashes.len() < MAX_NAMED_CLASHES {
+                clashes.push((i, off, end));
+            } else {
+                more += 1;
             }
         }
     }
+    // Name what each clashing entry overlaps (a linear search per clash, so their number is
+    // capped: a hostile BAT can make every entry clash).
+    for (i, off, end) in clashes {
+        let other = fixed_spans
+            .iter()
+            .find(|f| f.start < end && off < f.end)
+            .map(|f| format!("the {} [{:#x}, {:#x})", f.what, f.start, f.end))
+            .or_else(|| {
+                bat.iter().enumerate().find_map(|(j, &x)| {
+                    let len = if g.is_bitmap_index(j as u64) {
+                        SECTOR_BITMAP_BLOCK
+                    } else {
+                        g.block_size
+                    };
+                    let o = offset(x);
+                    let present = matches!(
+                        (g.is_bitmap_index(j as u64), state(x)),
+                        (true, SB_PRESENT)
+                            | (false, PAYLOAD_FULLY_PRESENT | PAYLOAD_PARTIALLY_PRESENT)
+                    );
+                    (j != i && present && o < end && off < o.saturating_add(len))
+                        .then(|| format!("bat_entry[{j}] [{o:#x}, {:#x})", o.saturating_add(len)))
+                })
+            })
+            .unwrap_or_else(|| "another structure".to_string());
+        problems.push((
+            format!("bat_entry[{i}]"),
+            bat_off + i as u64 * 8,
+            format!("bat_entry[{i}] [{off:#x}, {end:#x}) overlaps {other}"),
+        ));
+    }
+    if more > 0 {
+        problems.push((
+            "bat".to_string(),
+            bat_off,
+            format!("{more} more BAT entries overlap other structures"),
+        ));
+    }
     problems
 }
+
+/// Overlapping entries named one by one before the rest are only counted.
+const MAX_NAMED_CLASHES: usize = 64;
