@@ -529,3 +529,50 @@ fn beyond_first_chunk_interleave() {
     assert_eq!(libvhdi_at(&cp, Some(&bp), &offs, 8192), ours);
     assert_eq!(c.check().unwrap().corruptions(), 0);
 }
+
+#[test]
+fn vhdiinfo_agrees_on_identity() {
+    let dir = tempfile::tempdir().unwrap();
+    let bp = dir.path().join("p.vhdx");
+    let st = FileStorage::create_new(&bp).unwrap();
+    vhdx::create(
+        &st,
+        &CreateOptions {
+            size: 64 * MIB,
+            logical: 4096,
+            ..CreateOptions::default()
+        },
+    )
+    .unwrap();
+    drop(st);
+    let parent = open_path(&bp, false).unwrap();
+    let cp = dir.path().join("c.avhdx");
+    let st = FileStorage::create_new(&cp).unwrap();
+    vhdx::create(
+        &st,
+        &CreateOptions {
+            logical: 4096,
+            parent: Some(parent_link(&parent, ".\\p.vhdx")),
+            ..CreateOptions::default()
+        },
+    )
+    .unwrap();
+    drop(st);
+    let child = open_path(&cp, false).unwrap();
+    let out = vhdiinfo(&cp);
+    let field = |name: &str| {
+        out.lines()
+            .find(|l| l.trim_start().starts_with(name))
+            .and_then(|l| l.split(':').nth(1))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_default()
+    };
+    assert_eq!(field("Disk type"), "Differential");
+    assert_eq!(field("Identifier"), child.data_write_guid().to_string());
+    assert_eq!(
+        field("Parent identifier"),
+        parent.data_write_guid().to_string()
+    );
+    assert!(field("Bytes per sector").starts_with("4096"));
+    assert!(field("Media size").contains("67108864"));
+}
