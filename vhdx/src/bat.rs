@@ -68,14 +68,11 @@ impl Geometry {
     }
 }
 
-/// Reads the BAT entries.
-pub fn load(
-    storage: &dyn Storage,
-    region_off: u64,
-    region_len: u64,
-    g: &Geometry,
-    limits: &Limits,
-) -> Result<Vec<u64>> {
+/// Entries per BAT page of the paged store (32 KiB).
+pub const PAGE_ENTRIES: u64 = 4096;
+
+/// Checks that the BAT region holds the entries the geometry needs.
+pub fn check_region(region_off: u64, region_len: u64, g: &Geometry) -> Result<()> {
     let bytes = g.entries.saturating_mul(8);
     if bytes > region_len {
         return Err(Error::corrupt(
@@ -87,10 +84,32 @@ pub fn load(
             ),
         ));
     }
-    let raw = blockdev::try_alloc(bytes, limits, "bat")?;
-    let mut raw = raw;
-    storage.read_at(&mut raw, region_off)?;
+    Ok(())
+}
+
+/// Reads entries `[first, first + n)` from the BAT region.
+pub fn read_entries(
+    storage: &dyn Storage,
+    region_off: u64,
+    first: u64,
+    n: u64,
+    limits: &Limits,
+) -> Result<Vec<u64>> {
+    let mut raw = blockdev::try_alloc(n.saturating_mul(8), limits, "bat")?;
+    storage.read_at(&mut raw, region_off + first * 8)?;
     Ok(raw.chunks_exact(8).map(|c| le64(c, 0)).collect())
+}
+
+/// Reads all BAT entries.
+pub fn load(
+    storage: &dyn Storage,
+    region_off: u64,
+    region_len: u64,
+    g: &Geometry,
+    limits: &Limits,
+) -> Result<Vec<u64>> {
+    check_region(region_off, region_len, g)?;
+    read_entries(storage, region_off, 0, g.entries, limits)
 }
 
 /// A file range used by some structure, for overlap checks.
@@ -104,63 +123,109 @@ pub struct Span {
     pub what: String,
 }
 
-/// Validates every entry; returns all problems as (field, file offset of entry, message).
-pub fn validate(
-    bat: &[u64],
-    g: &Geometry,
+/// A problem found in the BAT: (field, file offset of the entry, message).
+pub type Problem = (String, u64, String);
+
+/// Overlapping entries named one by one before the rest are only counted.
+const MAX_NAMED_CLASHES: usize = 64;
+
+/// Validates BAT entries fed in index order (the whole table or page by page).
+pub struct Validator<'a> {
+    g: Geometry,
     bat_off: u64,
     file_len: u64,
-    fixed_spans: &[Span],
-) -> Vec<(String, u64, String)> {
-    let mut problems = Vec::new();
-    // Overlaps are found with one bit per MiB of the file (every structure is 1 MiB aligned):
-    // a 64 TiB file needs 8 MiB of bits, whatever the number of blocks.
-    let units = file_len.div_ceil(MIB);
-    let mut used = match blockdev::try_alloc(units.div_ceil(8), &Limits::default(), "bat") {
-        Ok(v) => v,
-        Err(e) => {
-            problems.push(("bat".to_string(), bat_off, e.to_string()));
-            return problems;
+    fixed: &'a [Span],
+    units: u64,
+    used: Vec<u8>,
+    clashes: Vec<(usize, u64, u64)>,
+    more: u64,
+    problems: Vec<Problem>,
+    /// PARTIALLY_PRESENT entries of the current chunk, resolved at its sector-bitmap entry.
+    pending: Vec<usize>,
+}
+
+impl<'a> Validator<'a> {
+    /// A validator for a file of `file_len` bytes whose fixed structures are `fixed`.
+    pub fn new(g: &Geometry, bat_off: u64, file_len: u64, fixed: &'a [Span]) -> Result<Self> {
+        // Overlaps are found with one bit per MiB of the file (every structure is 1 MiB
+        // aligned): a 64 TiB file needs 8 MiB of bits, whatever the number of blocks.
+        let units = file_len.div_ceil(MIB);
+        let used = blockdev::try_alloc(units.div_ceil(8), &Limits::default(), "bat")?;
+        let mut v = Validator {
+            g: *g,
+            bat_off,
+            file_len,
+            fixed,
+            units,
+            used,
+            clashes: Vec::new(),
+            more: 0,
+            problems: Vec::new(),
+            pending: Vec::new(),
+        };
+        for f in fixed {
+            v.mark(f.start, f.end);
         }
-    };
-    let mut mark = |start: u64, end: u64| -> bool {
+        Ok(v)
+    }
+
+    fn mark(&mut self, start: u64, end: u64) -> bool {
         let mut clash = false;
         let mut u = start / MIB;
-        while u < end.div_ceil(MIB).min(units) {
-            if let Some(b) = used.get_mut((u / 8) as usize) {
+        while u < end.div_ceil(MIB).min(self.units) {
+            if let Some(b) = self.used.get_mut((u / 8) as usize) {
                 clash |= *b & (1 << (u % 8)) != 0;
                 *b |= 1 << (u % 8);
             }
             u += 1;
         }
         clash
-    };
-    for f in fixed_spans {
-        mark(f.start, f.end);
     }
-    let mut clashes: Vec<(usize, u64, u64)> = Vec::new();
-    let mut more = 0u64;
-    for (i, &e) in bat.iter().enumerate() {
+
+    /// Feeds entries starting at BAT index `base`.
+    pub fn feed(&mut self, base: usize, entries: &[u64]) {
+        for (k, &e) in entries.iter().enumerate() {
+            self.entry(base + k, e);
+        }
+    }
+
+    fn entry(&mut self, i: usize, e: u64) {
+        let g = self.g;
         let idx = i as u64;
-        let eoff = bat_off + idx * 8;
+        let eoff = self.bat_off + idx * 8;
         let field = || format!("bat_entry[{i}]");
         let st = state(e);
         let off = offset(e);
         if e & BAT_RESERVED_MASK != 0 {
-            problems.push((field(), eoff, format!("reserved bits set in {e:#x}")));
+            self.problems
+                .push((field(), eoff, format!("reserved bits set in {e:#x}")));
         }
         let is_sb = g.is_bitmap_index(idx);
+        if is_sb {
+            let pending = std::mem::take(&mut self.pending);
+            if st != SB_PRESENT {
+                for p in pending {
+                    self.problems.push((
+                        format!("bat_entry[{p}]"),
+                        self.bat_off + p as u64 * 8,
+                        format!(
+                            "PARTIALLY_PRESENT block whose sector-bitmap entry {i} is not present"
+                        ),
+                    ));
+                }
+            }
+        }
         let len = if is_sb {
             match st {
-                SB_NOT_PRESENT => continue,
+                SB_NOT_PRESENT => return,
                 SB_PRESENT => SECTOR_BITMAP_BLOCK,
                 _ => {
-                    problems.push((
+                    self.problems.push((
                         field(),
                         eoff,
                         format!("sector-bitmap entry has invalid state {st}"),
                     ));
-                    continue;
+                    return;
                 }
             }
         } else {
@@ -169,104 +234,153 @@ pub fn validate(
                 | PAYLOAD_UNDEFINED
                 | PAYLOAD_ZERO
                 | PAYLOAD_UNMAPPED
-                | PAYLOAD_UNMAPPED_V095 => continue,
+                | PAYLOAD_UNMAPPED_V095 => return,
                 PAYLOAD_FULLY_PRESENT => g.block_size,
                 PAYLOAD_PARTIALLY_PRESENT if g.has_parent => {
-                    let blk = idx - idx / (g.chunk_ratio + 1);
-                    let sbi = g.bitmap_of_block(blk);
-                    if bat.get(sbi).is_none_or(|e| state(*e) != SB_PRESENT) {
-                        problems.push((
-                            field(),
-                            eoff,
-                            format!(
-                                "PARTIALLY_PRESENT block whose sector-bitmap entry {sbi} is not present"
-                            ),
-                        ));
+                    if self.pending.len() < 1 << 16 {
+                        self.pending.push(i);
                     }
                     g.block_size
                 }
                 PAYLOAD_PARTIALLY_PRESENT => {
-                    problems.push((
+                    self.problems.push((
                         field(),
                         eoff,
                         "PARTIALLY_PRESENT block in an image without a parent".into(),
                     ));
-                    continue;
+                    return;
                 }
                 _ => {
-                    problems.push((field(), eoff, format!("invalid payload block state {st}")));
-                    continue;
+                    self.problems.push((
+                        field(),
+                        eoff,
+                        format!("invalid payload block state {st}"),
+                    ));
+                    return;
                 }
             }
         };
         if off < HEADER_SECTION {
-            problems.push((
+            self.problems.push((
                 field(),
                 eoff,
                 format!("block at file offset {off:#x} lies in the header section"),
             ));
-            continue;
+            return;
         }
         let Some(end) = off.checked_add(len) else {
-            problems.push((field(), eoff, "block offset overflows".into()));
-            continue;
+            self.problems
+                .push((field(), eoff, "block offset overflows".into()));
+            return;
         };
-        if end > file_len {
-            problems.push((
+        if end > self.file_len {
+            self.problems.push((
                 field(),
                 eoff,
-                format!("block [{off:#x}, {end:#x}) lies past the end of the file ({file_len:#x})"),
+                format!(
+                    "block [{off:#x}, {end:#x}) lies past the end of the file ({:#x})",
+                    self.file_len
+                ),
             ));
-            continue;
+            return;
         }
-        if mark(off, end) {
-            if clashes.len() < MAX_NAMED_CLASHES {
-                clashes.push((i, off, end));
+        if self.mark(off, end) {
+            if self.clashes.len() < MAX_NAMED_CLASHES {
+                self.clashes.push((i, off, end));
             } else {
-                more += 1;
+                self.more += 1;
             }
         }
     }
-    // Name what each clashing entry overlaps (a linear search per clash, so their number is
-    // capped: a hostile BAT can make every entry clash).
-    for (i, off, end) in clashes {
-        let other = fixed_spans
-            .iter()
-            .find(|f| f.start < end && off < f.end)
-            .map(|f| format!("the {} [{:#x}, {:#x})", f.what, f.start, f.end))
-            .or_else(|| {
-                bat.iter().enumerate().find_map(|(j, &x)| {
-                    let len = if g.is_bitmap_index(j as u64) {
-                        SECTOR_BITMAP_BLOCK
-                    } else {
-                        g.block_size
-                    };
-                    let o = offset(x);
-                    let present = matches!(
-                        (g.is_bitmap_index(j as u64), state(x)),
-                        (true, SB_PRESENT)
-                            | (false, PAYLOAD_FULLY_PRESENT | PAYLOAD_PARTIALLY_PRESENT)
-                    );
-                    (j != i && present && o < end && off < o.saturating_add(len))
-                        .then(|| format!("bat_entry[{j}] [{o:#x}, {:#x})", o.saturating_add(len)))
+
+    /// Ends the validation; `all` (the whole table, when in memory) names clashing entries.
+    pub fn finish(mut self, all: Option<&[u64]>) -> Vec<Problem> {
+        let g = self.g;
+        for p in std::mem::take(&mut self.pending) {
+            self.problems.push((
+                format!("bat_entry[{p}]"),
+                self.bat_off + p as u64 * 8,
+                "PARTIALLY_PRESENT block without a sector-bitmap entry".into(),
+            ));
+        }
+        // Name what each clashing entry overlaps (a linear search per clash, so their number
+        // is capped: a hostile BAT can make every entry clash).
+        for (i, off, end) in std::mem::take(&mut self.clashes) {
+            let other = self
+                .fixed
+                .iter()
+                .find(|f| f.start < end && off < f.end)
+                .map(|f| format!("the {} [{:#x}, {:#x})", f.what, f.start, f.end))
+                .or_else(|| {
+                    all?.iter().enumerate().find_map(|(j, &x)| {
+                        let sb = g.is_bitmap_index(j as u64);
+                        let len = if sb {
+                            SECTOR_BITMAP_BLOCK
+                        } else {
+                            g.block_size
+                        };
+                        let o = offset(x);
+                        let present = matches!(
+                            (sb, state(x)),
+                            (true, SB_PRESENT)
+                                | (false, PAYLOAD_FULLY_PRESENT | PAYLOAD_PARTIALLY_PRESENT)
+                        );
+                        (j != i && present && o < end && off < o.saturating_add(len)).then(|| {
+                            format!("bat_entry[{j}] [{o:#x}, {:#x})", o.saturating_add(len))
+                        })
+                    })
                 })
-            })
-            .unwrap_or_else(|| "another structure".to_string());
-        problems.push((
-            format!("bat_entry[{i}]"),
-            bat_off + i as u64 * 8,
-            format!("bat_entry[{i}] [{off:#x}, {end:#x}) overlaps {other}"),
-        ));
+                .unwrap_or_else(|| "another BAT entry".to_string());
+            self.problems.push((
+                format!("bat_entry[{i}]"),
+                self.bat_off + i as u64 * 8,
+                format!("bat_entry[{i}] [{off:#x}, {end:#x}) overlaps {other}"),
+            ));
+        }
+        if self.more > 0 {
+            self.problems.push((
+                "bat".to_string(),
+                self.bat_off,
+                format!("{} more BAT entries overlap other structures", self.more),
+            ));
+        }
+        self.problems
     }
-    if more > 0 {
-        problems.push((
-            "bat".to_string(),
-            bat_off,
-            format!("{more} more BAT entries overlap other structures"),
-        ));
-    }
-    problems
 }
 
-/// Overlapping entries named one by one before the rest are only counted.
-const MAX_NAMED_CLASHES: usize = 64;
+/// Validates a whole in-memory table.
+pub fn validate(
+    bat: &[u64],
+    g: &Geometry,
+    bat_off: u64,
+    file_len: u64,
+    fixed_spans: &[Span],
+) -> Vec<Problem> {
+    match Validator::new(g, bat_off, file_len, fixed_spans) {
+        Ok(mut v) => {
+            v.feed(0, bat);
+            v.finish(Some(bat))
+        }
+        Err(e) => vec![("bat".to_string(), bat_off, e.to_string())],
+    }
+}
+
+/// Validates the BAT page by page from the file.
+pub fn validate_paged(
+    storage: &dyn Storage,
+    g: &Geometry,
+    bat_off: u64,
+    file_len: u64,
+    fixed_spans: &[Span],
+    limits: &Limits,
+) -> Result<Vec<Problem>> {
+    let mut v = Validator::new(g, bat_off, file_len, fixed_spans)?;
+    let mut first = 0u64;
+    while first < g.entries {
+        let n = (g.entries - first).min(PAGE_ENTRIES * 32);
+        let page = read_entries(storage, bat_off, first, n, limits)?;
+        v.feed(first as usize, &page);
+        first += n;
+    }
+    Ok(v.finish(None))
+}
