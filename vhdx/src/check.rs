@@ -125,30 +125,54 @@ pub fn check(img: &VhdxImage) -> CheckReport {
     }
 
     // BAT.
-    let entries = img.bat_entries();
     let spans = fixed_spans(regions, (cur.log_offset, u64::from(cur.log_length)));
-    let problems = bat::validate(&entries, geom, regions.bat.offset, file_len, &spans);
-    for (field, off, msg) in problems {
-        r.add(Severity::Corruption, &field, Some(off), msg);
+    let problems = if img.bat_is_paged() {
+        bat::validate_paged(
+            storage,
+            geom,
+            regions.bat.offset,
+            file_len,
+            &spans,
+            &blockdev::Limits::default(),
+        )
+    } else {
+        Ok(bat::validate(
+            &img.bat_entries(),
+            geom,
+            regions.bat.offset,
+            file_len,
+            &spans,
+        ))
+    };
+    match problems {
+        Ok(problems) => {
+            for (field, off, msg) in problems {
+                r.add(Severity::Corruption, &field, Some(off), msg);
+            }
+        }
+        Err(e) => r.add(
+            Severity::Corruption,
+            e.field().unwrap_or("bat"),
+            e.offset(),
+            e.message().to_string(),
+        ),
     }
     let mut allocated = 0u64;
     let mut end = HEADER_SECTION;
     for s in &spans {
         end = end.max(s.end);
     }
-    for (i, &e) in entries.iter().enumerate() {
+    let mut zero_with_offset: Vec<usize> = Vec::new();
+    let walked = img.for_each_entry(|i, e| {
         let st = bat::state(e);
         let is_sb = geom.is_bitmap_index(i as u64);
         let len = match (is_sb, st) {
             (true, SB_PRESENT) => SECTOR_BITMAP_BLOCK,
             (false, PAYLOAD_FULLY_PRESENT | PAYLOAD_PARTIALLY_PRESENT) => geom.block_size,
             (false, PAYLOAD_ZERO | PAYLOAD_NOT_PRESENT) if bat::offset(e) != 0 => {
-                r.add(
-                    Severity::Warning,
-                    &format!("bat_entry[{i}]"),
-                    Some(regions.bat.offset + i as u64 * 8),
-                    "ZERO/NOT_PRESENT entry with a non-zero file offset (Hyper-V refuses these)",
-                );
+                if zero_with_offset.len() < 64 {
+                    zero_with_offset.push(i);
+                }
                 0
             }
             _ => 0,
@@ -157,6 +181,22 @@ pub fn check(img: &VhdxImage) -> CheckReport {
             allocated += 1;
             end = end.max(bat::offset(e).saturating_add(len));
         }
+    });
+    if let Err(e) = walked {
+        r.add(
+            Severity::Corruption,
+            "bat",
+            Some(regions.bat.offset),
+            format!("the BAT cannot be read: {e}"),
+        );
+    }
+    for i in zero_with_offset {
+        r.add(
+            Severity::Warning,
+            &format!("bat_entry[{i}]"),
+            Some(regions.bat.offset + i as u64 * 8),
+            "ZERO/NOT_PRESENT entry with a non-zero file offset (Hyper-V refuses these)",
+        );
     }
     if meta.has_parent
         && meta

@@ -3,7 +3,7 @@
 use std::any::Any;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::{Mutex, RwLock};
+use std::sync::Mutex;
 
 use blockdev::{
     check_range, BackingInfo, BackingRequest, BlockDevice, Candidate, CheckReport, Error,
@@ -15,6 +15,7 @@ use crate::format::*;
 use crate::header::{self, Header, Regions};
 use crate::log::{self, Overlay};
 use crate::metadata::{self, Metadata};
+use crate::table::{Table, View};
 
 /// How to open an image.
 pub struct OpenOptions<'a> {
@@ -73,7 +74,8 @@ pub struct VhdxImage {
     slots: [std::result::Result<Header, String>; 2],
     hdr: Mutex<HeaderState>,
     log_state: LogState,
-    bat: RwLock<Vec<u64>>,
+    bat: Table,
+    limits: Limits,
     parent: Option<Box<dyn BlockDevice>>,
     parent_path: Option<String>,
     write_lock: Mutex<()>,
@@ -161,15 +163,32 @@ impl VhdxImage {
             meta.logical,
             meta.has_parent,
         );
-        let bat = bat::load(
-            &*storage,
-            regions.bat.offset,
-            regions.bat.length,
-            &geom,
-            opts.limits,
-        )?;
+        bat::check_region(regions.bat.offset, regions.bat.length, &geom)?;
         let spans = fixed_spans(&regions, log_span);
-        let problems = bat::validate(&bat, &geom, regions.bat.offset, file_len, &spans);
+        let (bat, problems) = if geom.entries.saturating_mul(8) <= opts.limits.max_cache {
+            let all = bat::load(
+                &*storage,
+                regions.bat.offset,
+                regions.bat.length,
+                &geom,
+                opts.limits,
+            )?;
+            let problems = bat::validate(&all, &geom, regions.bat.offset, file_len, &spans);
+            (Table::full(all), problems)
+        } else {
+            let problems = bat::validate_paged(
+                &*storage,
+                &geom,
+                regions.bat.offset,
+                file_len,
+                &spans,
+                opts.limits,
+            )?;
+            (
+                Table::paged(regions.bat.offset, geom.entries, opts.limits.max_cache),
+                problems,
+            )
+        };
         if let Some((field, off, msg)) = problems.into_iter().next() {
             return Err(Error::corrupt(&field, off, msg));
         }
@@ -189,7 +208,8 @@ impl VhdxImage {
                 log_seq: 1,
             }),
             log_state,
-            bat: RwLock::new(bat),
+            bat,
+            limits: opts.limits.clone(),
             parent: None,
             parent_path: None,
             write_lock: Mutex::new(()),
@@ -310,7 +330,21 @@ impl VhdxImage {
 
     /// A copy of the BAT (for tests and check).
     pub fn bat_entries(&self) -> Vec<u64> {
-        self.bat.read().map(|b| b.clone()).unwrap_or_default()
+        let mut v = Vec::new();
+        let _ = self
+            .bat
+            .for_each(&*self.storage, &self.limits, |_, e| v.push(e));
+        v
+    }
+
+    /// Calls `f(index, entry)` for every BAT entry.
+    pub(crate) fn for_each_entry(&self, f: impl FnMut(usize, u64)) -> Result<()> {
+        self.bat.for_each(&*self.storage, &self.limits, f)
+    }
+
+    /// Whether the BAT is paged (too large for the cache limit).
+    pub fn bat_is_paged(&self) -> bool {
+        self.bat.is_paged()
     }
 
     pub(crate) fn storage(&self) -> &dyn Storage {
@@ -338,9 +372,9 @@ impl VhdxImage {
     }
 
     /// Reads bitmap bytes `[first_sector, +sectors)` of the chunk of block `blk`.
-    fn bitmap_bits(&self, bat: &[u64], blk: u64, pos: u64, n: u64) -> Result<(Vec<u8>, u64)> {
+    fn bitmap_bits(&self, bat: &View<'_>, blk: u64, pos: u64, n: u64) -> Result<(Vec<u8>, u64)> {
         let sbi = self.geom.bitmap_of_block(blk);
-        let sbe = bat.get(sbi).copied().unwrap_or(0);
+        let sbe = bat.get(sbi)?;
         if bat::state(sbe) != SB_PRESENT {
             return Err(Error::corrupt(
                 &format!("bat_entry[{sbi}]"),
@@ -394,7 +428,7 @@ impl VhdxImage {
     /// The run starting at guest `pos` inside its block: (class, length).
     fn piece(
         &self,
-        bat: &[u64],
+        bat: &View<'_>,
         pos: u64,
         limit: u64,
         cache: &mut BitmapCache,
@@ -403,7 +437,7 @@ impl VhdxImage {
         let blk = pos / bs;
         let inb = pos % bs;
         let n = (bs - inb).min(limit);
-        let e = bat.get(self.geom.payload(blk)).copied().unwrap_or(0);
+        let e = bat.get(self.geom.payload(blk))?;
         if bat::state(e) != PAYLOAD_PARTIALLY_PRESENT {
             let c = match self.class_of(e) {
                 Class::Data(h) => Class::Data(h + inb),
@@ -608,14 +642,12 @@ impl VhdxImage {
         let mut newbat: BTreeMap<usize, u64> = BTreeMap::new();
         let zeros;
         // Only writers change the BAT and they hold `write_lock`, so short read locks suffice.
-        let entry = |newbat: &BTreeMap<usize, u64>, i: usize| {
-            newbat.get(&i).copied().unwrap_or_else(|| {
-                self.bat
-                    .read()
-                    .ok()
-                    .and_then(|b| b.get(i).copied())
-                    .unwrap_or(0)
-            })
+        // Only writers change the BAT and they hold `write_lock`.
+        let entry = |newbat: &BTreeMap<usize, u64>, i: usize| -> Result<u64> {
+            match newbat.get(&i) {
+                Some(e) => Ok(*e),
+                None => self.bat.get(&*self.storage, &self.limits, i),
+            }
         };
         let zbuf: &[u8] = match buf {
             Some(b) => b,
@@ -637,7 +669,7 @@ impl VhdxImage {
                 zbuf.get(..n as usize).unwrap_or_default()
             };
             let bi = self.geom.payload(blk);
-            let e = entry(&newbat, bi);
+            let e = entry(&newbat, bi)?;
             let st = bat::state(e);
             let whole = n == bs || (inb == 0 && pos + n == self.meta.disk_size);
             // A fixed image (LeaveBlockAllocated) keeps its blocks: zeros are written in place.
@@ -658,7 +690,7 @@ impl VhdxImage {
                 }
                 PAYLOAD_PARTIALLY_PRESENT => {
                     self.storage.write_at(data, bat::offset(e) + inb)?;
-                    let sbe = entry(&newbat, self.geom.bitmap_of_block(blk));
+                    let sbe = entry(&newbat, self.geom.bitmap_of_block(blk))?;
                     self.set_bits(&mut pending, bat::offset(sbe), pos, n)?;
                 }
                 _ => {
@@ -673,7 +705,7 @@ impl VhdxImage {
                     self.storage.write_at(data, host + inb)?;
                     if from_parent && !whole {
                         let sbi = self.geom.bitmap_of_block(blk);
-                        let mut sbe = entry(&newbat, sbi);
+                        let mut sbe = entry(&newbat, sbi)?;
                         if bat::state(sbe) != SB_PRESENT {
                             let sb = self.grow_file(SECTOR_BITMAP_BLOCK)?;
                             sbe = bat::entry(SB_PRESENT, sb);
@@ -704,14 +736,7 @@ impl VhdxImage {
         // Payload data is durable before the log entry that makes it visible.
         self.storage.flush()?;
         self.commit(hs, &pending)?;
-        {
-            let mut b = self.bat.write().map_err(|_| lock_err())?;
-            for (i, e) in newbat {
-                if let Some(x) = b.get_mut(i) {
-                    *x = e;
-                }
-            }
-        }
+        self.bat.update(&newbat)?;
         // The blocks are unreferenced now (the BAT change is durable): give the space back.
         for host in freed {
             self.storage.punch_hole(host, bs)?;
@@ -733,23 +758,18 @@ impl VhdxImage {
     fn state_counts(&self) -> serde_json::Map<String, serde_json::Value> {
         let mut c = [0u64; 8];
         let mut sb = 0u64;
-        if let Ok(b) = self.bat.read() {
-            for blk in 0..self.geom.blocks {
-                if let Some(e) = b.get(self.geom.payload(blk)) {
-                    if let Some(x) = c.get_mut(bat::state(*e) as usize) {
-                        *x += 1;
-                    }
+        let g = self.geom;
+        let _ = self.for_each_entry(|i, e| {
+            if g.is_bitmap_index(i as u64) {
+                if bat::state(e) == SB_PRESENT {
+                    sb += 1;
+                }
+            } else if (i as u64 - i as u64 / (g.chunk_ratio + 1)) < g.blocks {
+                if let Some(x) = c.get_mut(bat::state(e) as usize) {
+                    *x += 1;
                 }
             }
-            let chunks = self.geom.blocks.div_ceil(self.geom.chunk_ratio);
-            for k in 0..chunks {
-                if let Some(e) = b.get(bitmap_index(k, self.geom.chunk_ratio) as usize) {
-                    if bat::state(*e) == SB_PRESENT {
-                        sb += 1;
-                    }
-                }
-            }
-        }
+        });
         let mut m = serde_json::Map::new();
         let names = [
             "not_present",
@@ -817,7 +837,7 @@ impl BlockDevice for VhdxImage {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let len = buf.len() as u64;
         check_range(self.meta.disk_size, offset, len)?;
-        let bat = self.bat.read().map_err(|_| lock_err())?;
+        let bat = self.bat.view(&*self.storage, &self.limits)?;
         let mut done = 0u64;
         let mut cache = None;
         while done < len {
@@ -873,7 +893,7 @@ impl BlockDevice for VhdxImage {
             return Err(Error::out_of_bounds(offset, 1, size));
         }
         let limit = (size - offset).min(max_len.max(1));
-        let bat = self.bat.read().map_err(|_| lock_err())?;
+        let bat = self.bat.view(&*self.storage, &self.limits)?;
         let mut cache = None;
         let (first, mut len) = self.piece(&bat, offset, limit, &mut cache)?;
         while len < limit {

@@ -62,6 +62,7 @@ pub mod header;
 mod image;
 pub mod log;
 pub mod metadata;
+mod table;
 mod writer;
 
 pub use create::{create, CreateOptions, Subformat};

@@ -49,6 +49,18 @@ fn fill(len: usize, seed: u8) -> Vec<u8> {
 
 /// Runs the scenario with a crash after every operation count and checks each outcome.
 fn crash_everywhere(base: Vec<u8>, gate: &dyn OpenGate, ops: &[Op]) -> Vec<Vec<u8>> {
+    crash_everywhere_l(base, gate, ops, &blockdev::Limits::default())
+}
+
+fn crash_everywhere_l(
+    base: Vec<u8>,
+    gate: &dyn OpenGate,
+    ops: &[Op],
+    limits: &blockdev::Limits,
+) -> Vec<Vec<u8>> {
+    let open_with = |s: Box<dyn blockdev::Storage>, w: bool, g: &dyn OpenGate, d: u32| {
+        common::open_with_limits(s, w, g, d, limits)
+    };
     let initial = read_all(
         &open_with(
             Box::new(blockdev::MemStorage::from_vec(base.clone())),
@@ -138,6 +150,23 @@ fn crash_block_allocation_dynamic() {
     ];
     let dirty = crash_everywhere(base, &DirGate::new(), &ops);
     assert!(!dirty.is_empty(), "no crash point left a dirty log");
+}
+
+#[test]
+fn crash_block_allocation_paged_bat() {
+    // The same scenario with a BAT too large for the cache: pages are read on demand.
+    let base = create_mem(&CreateOptions {
+        size: 16 * MIB,
+        block_size: MIB,
+        ..CreateOptions::default()
+    });
+    let ops = vec![
+        Op::Write(MIB + 4096, fill(8192, 1)),
+        Op::Write(5 * MIB, fill(MIB as usize, 3)),
+        Op::Zero(5 * MIB, MIB),
+    ];
+    let limits = common::paged_limits();
+    crash_everywhere_l(base, &DirGate::new(), &ops, &limits);
 }
 
 #[test]

@@ -266,3 +266,46 @@ fn hyperv_checkpoint_without_parent() {
     assert_eq!(img.check().unwrap().corruptions(), 0);
     assert_eq!(file_digest(&path), before);
 }
+
+#[test]
+fn paged_bat_matches_full() {
+    for rel in [
+        "discutils/xfs.vhdx.gz",
+        "qemu/iotest-dirtylog-10G-4M.vhdx.bz2",
+        "discutils/lvm2.vhdx.gz",
+    ] {
+        let Some(path) = cached_fixture(rel) else {
+            return;
+        };
+        let open_l = |l: &blockdev::Limits| {
+            common::open_with_limits(
+                Box::new(blockdev::FileStorage::open(&path, false).unwrap()),
+                false,
+                &DirGate::new(),
+                0,
+                l,
+            )
+            .unwrap()
+        };
+        let full = open_l(&blockdev::Limits::default());
+        let paged = open_l(&common::paged_limits());
+        assert!(paged.bat_is_paged() && !full.bat_is_paged());
+        assert_eq!(paged.info().format_specific, full.info().format_specific);
+        let size = full.size();
+        let mut off = 0;
+        let mut a = vec![0u8; 1 << 20];
+        let mut b = vec![0u8; 1 << 20];
+        while off < size {
+            let e = full.block_status(off, size - off).unwrap();
+            assert_eq!(paged.block_status(off, size - off).unwrap(), e, "{rel}");
+            if e.kind == ExtentKind::Data {
+                let n = e.len.min(1 << 20) as usize;
+                full.read_at(&mut a[..n], off).unwrap();
+                paged.read_at(&mut b[..n], off).unwrap();
+                assert_eq!(a[..n], b[..n]);
+            }
+            off += e.len;
+        }
+        assert_eq!(paged.check().unwrap().corruptions(), 0);
+    }
+}

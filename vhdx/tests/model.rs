@@ -12,7 +12,9 @@ mod common;
 use std::sync::Arc;
 
 use blockdev::{BlockDevice, ExtentKind, MemStorage, OpenGate};
-use common::{create_mem, link_of, open_with, read_all, DirGate, MemGate};
+use common::{
+    create_mem, link_of, open_with, open_with_limits, paged_limits, read_all, DirGate, MemGate,
+};
 use proptest::prelude::*;
 use vhdx::CreateOptions;
 
@@ -37,6 +39,10 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 fn run(ops: &[Op], logical: u64, diff: bool) {
+    run_with(ops, logical, diff, &blockdev::Limits::default());
+}
+
+fn run_with(ops: &[Op], logical: u64, diff: bool, limits: &blockdev::Limits) {
     let block = MIB;
     let (bytes, gate, mut model): (Vec<u8>, Box<dyn OpenGate>, Vec<u8>) = if diff {
         let m = Arc::new(MemStorage::new());
@@ -81,7 +87,8 @@ fn run(ops: &[Op], logical: u64, diff: bool) {
         (b, Box::new(DirGate::new()), vec![0u8; SIZE as usize])
     };
     let store = Arc::new(MemStorage::from_vec(bytes));
-    let mut img = open_with(Box::new(store.clone()), true, &*gate, 0).unwrap();
+    let mut img = open_with_limits(Box::new(store.clone()), true, &*gate, 0, limits).unwrap();
+    assert_eq!(img.bat_is_paged(), limits.max_cache < 1024);
     let sectors = SIZE / logical;
     for op in ops {
         match op {
@@ -107,7 +114,7 @@ fn run(ops: &[Op], logical: u64, diff: bool) {
             Op::Flush => img.flush().unwrap(),
             Op::Reopen => {
                 drop(img);
-                img = open_with(Box::new(store.clone()), true, &*gate, 0).unwrap();
+                img = open_with_limits(Box::new(store.clone()), true, &*gate, 0, limits).unwrap();
             }
         }
         assert_eq!(read_all(&img), model);
@@ -152,6 +159,16 @@ proptest! {
     #[test]
     fn differencing_512(ops in proptest::collection::vec(op(), 1..12)) {
         run(&ops, 512, true);
+    }
+
+    #[test]
+    fn paged_bat_differencing_512(ops in proptest::collection::vec(op(), 1..12)) {
+        run_with(&ops, 512, true, &paged_limits());
+    }
+
+    #[test]
+    fn paged_bat_dynamic_512(ops in proptest::collection::vec(op(), 1..12)) {
+        run_with(&ops, 512, false, &paged_limits());
     }
 
     #[test]

@@ -71,13 +71,29 @@ pub fn open_with(
     gate: &dyn OpenGate,
     depth: u32,
 ) -> Result<VhdxImage> {
-    let limits = Limits::default();
+    open_with_limits(storage, writable, gate, depth, &Limits::default())
+}
+
+/// Limits whose cache is too small for any BAT: the paged table is used.
+pub fn paged_limits() -> Limits {
+    let mut l = Limits::default();
+    l.max_cache = 8;
+    l
+}
+
+pub fn open_with_limits(
+    storage: Box<dyn Storage>,
+    writable: bool,
+    gate: &dyn OpenGate,
+    depth: u32,
+    limits: &Limits,
+) -> Result<VhdxImage> {
     VhdxImage::open(
         storage,
         &OpenOptions {
             gate,
             writable,
-            limits: &limits,
+            limits,
             depth,
         },
     )
