@@ -180,17 +180,30 @@ pub fn finish_image(
     storage: &dyn Storage,
     opts: &CreateOptions,
     layout: &Layout,
-    bat: &[u64],
+    entry: &dyn Fn(u64) -> u64,
     file_len: u64,
 ) -> Result<()> {
-    let mut batb = vec![0u8; bat.len() * 8];
-    for (i, e) in bat.iter().enumerate() {
-        put64(&mut batb, i * 8, *e);
-    }
     let file_len = blockdev::align_up(file_len.max(layout.data_offset), MIB, "file length")?;
     storage.set_len(file_len)?;
-    if !batb.is_empty() {
-        storage.write_at(&batb, layout.bat_offset)?;
+    // The BAT goes out 1 MiB at a time; all-zero pieces are already zeros in the new file.
+    const PER_WRITE: u64 = MIB / 8;
+    let mut buf = vec![0u8; MIB as usize];
+    let mut first = 0u64;
+    while first < layout.geom.entries {
+        let n = (layout.geom.entries - first).min(PER_WRITE);
+        let mut any = false;
+        for k in 0..n {
+            let e = entry(first + k);
+            any |= e != 0;
+            put64(&mut buf, (k * 8) as usize, e);
+        }
+        if any {
+            storage.write_at(
+                buf.get(..(n * 8) as usize).unwrap_or_default(),
+                layout.bat_offset + first * 8,
+            )?;
+        }
+        first += n;
     }
     let meta = opts.metadata(layout.size)?;
     storage.write_at(&metadata_region_bytes(&meta), layout.meta_offset)?;
@@ -245,18 +258,25 @@ pub fn finish_image(
 /// Creates a new empty image on `storage` (which must be empty).
 pub fn create(storage: &dyn Storage, opts: &CreateOptions) -> Result<()> {
     let layout = opts.layout()?;
-    let g = &layout.geom;
-    let mut entries = blockdev::try_alloc(g.entries * 8, &blockdev::Limits::default(), "bat")
-        .map(|_| vec![0u64; g.entries as usize])?;
-    let mut end = layout.data_offset;
+    let g = layout.geom;
     if opts.parent.is_none() && opts.subformat == Subformat::Fixed {
-        for blk in 0..g.blocks {
-            let host = layout.data_offset + blk * g.block_size;
-            if let Some(e) = entries.get_mut(g.payload(blk)) {
-                *e = bat::entry(PAYLOAD_FULLY_PRESENT, host);
-            }
-            end = host + g.block_size;
-        }
+        let end = layout.data_offset + g.blocks * g.block_size;
+        let data = layout.data_offset;
+        finish_image(storage, opts, &layout, &|i| fixed_entry(&g, data, i), end)
+    } else {
+        finish_image(storage, opts, &layout, &|_| 0, layout.data_offset)
     }
-    finish_image(storage, opts, &layout, &entries, end)
+}
+
+/// BAT entry `i` of a fixed image whose blocks lie in guest order from `data`.
+pub fn fixed_entry(g: &bat::Geometry, data: u64, i: u64) -> u64 {
+    if g.is_bitmap_index(i) {
+        return 0;
+    }
+    let blk = i - i / (g.chunk_ratio + 1);
+    if blk < g.blocks {
+        bat::entry(PAYLOAD_FULLY_PRESENT, data + blk * g.block_size)
+    } else {
+        0
+    }
 }

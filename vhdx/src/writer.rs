@@ -4,10 +4,10 @@
 
 use std::collections::BTreeMap;
 
-use blockdev::{Error, ImageWriter, Limits, Result, Storage};
+use blockdev::{ImageWriter, Limits, Result, Storage};
 
 use crate::bat;
-use crate::create::{finish_image, CreateOptions, Layout, Subformat};
+use crate::create::{finish_image, fixed_entry, CreateOptions, Layout, Subformat};
 use crate::format::*;
 
 /// Sequential writer of a new VHDX image.
@@ -15,7 +15,8 @@ pub struct VhdxWriter {
     storage: Box<dyn Storage>,
     opts: CreateOptions,
     layout: Layout,
-    bat: Vec<u64>,
+    /// Entries of allocated blocks (fixed images compute theirs).
+    bat: BTreeMap<usize, u64>,
     next_free: u64,
     fixed: bool,
     /// Sector bitmaps of the chunks touched (differencing output only).
@@ -27,12 +28,7 @@ impl VhdxWriter {
     /// Starts a new image on the empty `storage`.
     pub fn new(storage: Box<dyn Storage>, opts: CreateOptions, limits: &Limits) -> Result<Self> {
         let layout = opts.layout()?;
-        let n = layout.geom.entries;
-        limits.check_alloc(n.saturating_mul(8), "bat")?;
-        let mut bat = Vec::new();
-        bat.try_reserve_exact(n as usize)
-            .map_err(|_| Error::limit("bat", 0, "cannot allocate the BAT"))?;
-        bat.resize(n as usize, 0u64);
+        let bat = BTreeMap::new();
         let fixed = opts.parent.is_none() && opts.subformat == Subformat::Fixed;
         let next_free = layout.data_offset;
         Ok(VhdxWriter {
@@ -50,16 +46,17 @@ impl VhdxWriter {
     fn host_of(&mut self, blk: u64) -> Result<u64> {
         let g = self.layout.geom;
         let i = g.payload(blk);
-        let e = self.bat.get(i).copied().unwrap_or(0);
+        if self.fixed {
+            return Ok(self.layout.data_offset + blk * g.block_size);
+        }
+        let e = self.bat.get(&i).copied().unwrap_or(0);
         if matches!(
             bat::state(e),
             PAYLOAD_FULLY_PRESENT | PAYLOAD_PARTIALLY_PRESENT
         ) {
             return Ok(bat::offset(e));
         }
-        let host = if self.fixed {
-            self.layout.data_offset + blk * g.block_size
-        } else {
+        let host = {
             let h = self.next_free;
             self.next_free = h + g.block_size;
             h
@@ -69,9 +66,7 @@ impl VhdxWriter {
         } else {
             PAYLOAD_FULLY_PRESENT
         };
-        if let Some(x) = self.bat.get_mut(i) {
-            *x = bat::entry(st, host);
-        }
+        self.bat.insert(i, bat::entry(st, host));
         Ok(host)
     }
 
@@ -123,11 +118,9 @@ impl VhdxWriter {
             match data {
                 None if whole => {
                     let i = self.layout.geom.payload(blk);
-                    let e = self.bat.get(i).copied().unwrap_or(0);
+                    let e = self.bat.get(&i).copied().unwrap_or(0);
                     if self.layout.geom.has_parent && bat::state(e) == PAYLOAD_NOT_PRESENT {
-                        if let Some(x) = self.bat.get_mut(i) {
-                            *x = bat::entry(PAYLOAD_ZERO, 0);
-                        }
+                        self.bat.insert(i, bat::entry(PAYLOAD_ZERO, 0));
                     }
                 }
                 None if !self.layout.geom.has_parent => {}
@@ -167,20 +160,27 @@ impl ImageWriter for VhdxWriter {
     fn finish(mut self: Box<Self>) -> Result<()> {
         let g = self.layout.geom;
         if self.fixed {
-            for blk in 0..g.blocks {
-                self.host_of(blk)?;
-            }
-            self.next_free = self.layout.data_offset + g.blocks * g.block_size;
+            let end = self.layout.data_offset + g.blocks * g.block_size;
+            let data = self.layout.data_offset;
+            return finish_image(
+                &*self.storage,
+                &self.opts,
+                &self.layout,
+                &|i| fixed_entry(&g, data, i),
+                end,
+            );
         }
         if g.has_parent {
             let ls = u64::from(self.opts.logical);
             let spb = g.block_size / ls;
-            for blk in 0..g.blocks {
-                let i = g.payload(blk);
-                let e = self.bat.get(i).copied().unwrap_or(0);
-                if bat::state(e) != PAYLOAD_PARTIALLY_PRESENT {
-                    continue;
-                }
+            let partial: Vec<(usize, u64)> = self
+                .bat
+                .iter()
+                .filter(|(_, e)| bat::state(**e) == PAYLOAD_PARTIALLY_PRESENT)
+                .map(|(i, e)| (*i, *e))
+                .collect();
+            for (i, e) in partial {
+                let blk = i as u64 - i as u64 / (g.chunk_ratio + 1);
                 let first = blk * spb;
                 let chunk = first / SECTORS_PER_CHUNK;
                 let lo = ((first % SECTORS_PER_CHUNK) / 8) as usize;
@@ -196,19 +196,18 @@ impl ImageWriter for VhdxWriter {
                     })
                 });
                 if full {
-                    if let Some(x) = self.bat.get_mut(i) {
-                        *x = bat::entry(PAYLOAD_FULLY_PRESENT, bat::offset(e));
-                    }
+                    self.bat
+                        .insert(i, bat::entry(PAYLOAD_FULLY_PRESENT, bat::offset(e)));
                 }
             }
             let chunks: Vec<u64> = self.bitmaps.keys().copied().collect();
             for chunk in chunks {
-                let needed = (chunk * g.chunk_ratio..((chunk + 1) * g.chunk_ratio).min(g.blocks))
-                    .any(|b| {
-                        self.bat
-                            .get(g.payload(b))
-                            .is_some_and(|e| bat::state(*e) == PAYLOAD_PARTIALLY_PRESENT)
-                    });
+                let sbi = bitmap_index(chunk, g.chunk_ratio) as usize;
+                let first = sbi.saturating_sub(g.chunk_ratio as usize);
+                let needed = self
+                    .bat
+                    .range(first..sbi)
+                    .any(|(_, e)| bat::state(*e) == PAYLOAD_PARTIALLY_PRESENT);
                 if !needed {
                     continue;
                 }
@@ -217,19 +216,15 @@ impl ImageWriter for VhdxWriter {
                 if let Some(bm) = self.bitmaps.get(&chunk) {
                     self.storage.write_at(bm, off)?;
                 }
-                if let Some(x) = self
-                    .bat
-                    .get_mut(bitmap_index(chunk, g.chunk_ratio) as usize)
-                {
-                    *x = bat::entry(SB_PRESENT, off);
-                }
+                self.bat.insert(sbi, bat::entry(SB_PRESENT, off));
             }
         }
+        let bat = &self.bat;
         finish_image(
             &*self.storage,
             &self.opts,
             &self.layout,
-            &self.bat,
+            &|i| bat.get(&(i as usize)).copied().unwrap_or(0),
             self.next_free,
         )
     }

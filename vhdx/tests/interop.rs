@@ -576,3 +576,64 @@ fn vhdiinfo_agrees_on_identity() {
     assert!(field("Bytes per sector").starts_with("4096"));
     assert!(field("Media size").contains("67108864"));
 }
+
+#[test]
+fn huge_64tib_1mib_blocks_paged_bat() {
+    // 64 TiB with 1 MiB blocks: 512 MiB of BAT, more than the cache and allocation limits.
+    let dir = tempfile::tempdir().unwrap();
+    let size = 64u64 << 40;
+    let p = dir.path().join("huge.vhdx");
+    let st = FileStorage::create_new(&p).unwrap();
+    vhdx::create(
+        &st,
+        &CreateOptions {
+            size,
+            block_size: MIB,
+            ..CreateOptions::default()
+        },
+    )
+    .unwrap();
+    drop(st);
+    let offs = [0, 5u64 << 40, size - 4096];
+    {
+        let img = open_path(&p, true).unwrap();
+        assert!(img.bat_is_paged());
+        for (i, o) in offs.iter().enumerate() {
+            img.write_at(&[i as u8 + 1; 4096], *o).unwrap();
+        }
+        img.flush().unwrap();
+    }
+    let img = open_path(&p, false).unwrap();
+    for (i, o) in offs.iter().enumerate() {
+        let mut b = [0u8; 4096];
+        img.read_at(&mut b, *o).unwrap();
+        assert!(b.iter().all(|&x| x == i as u8 + 1));
+        let e = img.block_status(*o, 4096).unwrap();
+        assert_eq!(e.kind, ExtentKind::Data);
+    }
+    let e = img.block_status(4096 * 256, size).unwrap();
+    assert_ne!(e.kind, ExtentKind::Data);
+    assert_eq!(img.check().unwrap().corruptions(), 0);
+    // The sequential writer makes the same kind of image without holding the BAT in memory.
+    let wp = dir.path().join("huge-w.vhdx");
+    let mut w = VhdxWriter::new(
+        Box::new(FileStorage::create_new(&wp).unwrap()),
+        CreateOptions {
+            size,
+            block_size: MIB,
+            ..CreateOptions::default()
+        },
+        &Limits::default(),
+    )
+    .unwrap();
+    for (i, o) in offs.iter().enumerate() {
+        w.write_data(*o, &[i as u8 + 1; 4096]).unwrap();
+    }
+    Box::new(w).finish().unwrap();
+    let img = open_path(&wp, false).unwrap();
+    for (i, o) in offs.iter().enumerate() {
+        let mut b = [0u8; 4096];
+        img.read_at(&mut b, *o).unwrap();
+        assert!(b.iter().all(|&x| x == i as u8 + 1));
+    }
+}
