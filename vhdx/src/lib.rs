@@ -51,7 +51,10 @@
 //!
 //! Reads take the BAT read lock and may run in parallel; writes serialise on a write mutex
 //! (allocation and the log are inherently sequential) and update the BAT under a short write
-//! lock once the log entry is applied.
+//! lock once the log entry is applied. A BAT larger than [`blockdev::Limits::max_cache`] (a
+//! 64 TiB image with 1 MiB blocks has 512 MiB of it) is not loaded: it is validated page by
+//! page at open and read in 32 KiB pages kept in a bounded LRU cache. The sequential writer
+//! and `create` never hold the BAT either (allocated entries only; fixed entries computed).
 #![forbid(unsafe_code)]
 
 pub mod bat;
