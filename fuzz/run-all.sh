@@ -13,10 +13,10 @@ for t in "${targets[@]}"; do
   extra=()
   seeds=()
   case "$t" in
-    probe) extra=(-max_len=16777216) ;;
-    open_vhd) extra=(-max_len=8388608 -dict=dictionaries/vhd.dict -use_value_profile=1) ;;
-    open_vhdx) extra=(-max_len=16777216 -dict=dictionaries/vhdx.dict -use_value_profile=1) ;;
-    open_qcow2) extra=(-max_len=8388608 -dict=dictionaries/qcow2.dict -use_value_profile=1) ;;
+    probe) extra=(-max_len=1048576) ;;
+    open_vhd) extra=(-max_len=1048576 -dict=dictionaries/vhd.dict -use_value_profile=1) ;;
+    open_vhdx) extra=(-max_len=1048576 -dict=dictionaries/vhdx.dict -use_value_profile=1) ;;
+    open_qcow2) extra=(-max_len=1048576 -dict=dictionaries/qcow2.dict -use_value_profile=1) ;;
     vhdx_log_replay) extra=(-max_len=65536) ;;
     *) extra=(-max_len=4096) ;;
   esac

@@ -1,5 +1,5 @@
-//! Open a qcow2 image through the facade (deny-all gate), read everything in bounded steps, walk
-//! block_status to the end, check().
+//! Open a qcow2 image (sparse input encoding, see `SparseImage`) through the facade (deny-all
+//! gate), read everything in bounded steps, walk block_status to the end, check().
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;

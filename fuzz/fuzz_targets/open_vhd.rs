@@ -1,5 +1,5 @@
-//! Open a vhd image through the facade (deny-all gate), read everything in bounded steps, walk
-//! block_status to the end, check().
+//! Open a vhd image (sparse input encoding, see `SparseImage`) through the facade (deny-all
+//! gate), read everything in bounded steps, walk block_status to the end, check().
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;

@@ -1,7 +1,8 @@
-//! Open a VHDX image through the facade (deny-all gate), read everything in bounded steps, walk
-//! block_status to the end, check(). A custom mutator re-signs the CRC-32C of the headers, the
-//! region tables and the log entries after each mutation (6/8 fully, 1/8 headers only, 1/8 not
-//! at all), so mutations reach the parsers behind the checksums.
+//! Open a VHDX image (sparse input encoding, see `SparseImage`) through the facade (deny-all
+//! gate), read everything in bounded steps, walk block_status to the end, check(). A custom
+//! mutator re-signs the CRC-32C of both headers, both region tables and the log entries after
+//! each mutation (6/8 fully, 1/8 headers only, 1/8 untouched), so mutations reach the parsers
+//! behind the checksums.
 #![no_main]
 
 use libfuzzer_sys::{fuzz_mutator, fuzz_target};
@@ -13,6 +14,5 @@ fuzz_target!(|data: &[u8]| {
 
 fuzz_mutator!(|data: &mut [u8], size: usize, max_size: usize, seed: u32| {
     let n = libfuzzer_sys::fuzzer_mutate(data, size, max_size);
-    vdconv_fuzz::vhdx_resign(&mut data[..n], seed);
-    n
+    vdconv_fuzz::vhdx_resign_input(data, n, max_size, seed)
 });

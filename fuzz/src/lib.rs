@@ -4,8 +4,9 @@
 //!   [`DenyGate`] (backing files are never opened), walk `block_status` to the end with a cap on
 //!   iterations, read every data extent within a byte budget, check that zero/unallocated
 //!   extents read as zeros, read at the edges and outside the device, run `check()`.
-//! * [`crc32c`] and [`vhdx_resign`]: re-sign VHDX headers, region tables and log entries after a
+//! * [`crc32c`] and [`vhdx_resign_input`]: re-sign VHDX headers, region tables and log entries after a
 //!   mutation so the fuzzer gets past the checksums (a local CRC-32C, no dependency).
+//! * [`SparseImage`]: the input encoding of the parser targets (non-zero pages only).
 //! * [`Program`] / [`run_ops`]: operation sequences against a `Vec<u8>` shadow model on an
 //!   image our own `create` made in memory: every read must match the model exactly.
 //! * [`RoundTrip`] / [`run_roundtrip`]: random extents through our writer of a format, read back
@@ -27,10 +28,10 @@ use vdisk::Format;
 
 /// Cap on `block_status` calls per walk.
 pub const MAX_EXTENTS: usize = 4096;
-/// Cap on bytes read from data extents per input.
-pub const READ_BUDGET: u64 = 8 << 20;
+/// Cap on bytes read per input (data extents, and the zero check of non-data extents).
+pub const READ_BUDGET: u64 = 1 << 20;
 /// Largest single read.
-pub const READ_CHUNK: u64 = 1 << 20;
+pub const READ_CHUNK: u64 = 256 << 10;
 
 /// The limits every target opens with (the library defaults: 128 MiB per allocation).
 pub fn limits() -> Limits {
@@ -54,10 +55,15 @@ pub fn open_storage(
     vdisk::formats::open(format, storage, &ctx)
 }
 
-/// Opens `data` (read-only) as `format` and exercises the device; returns whether it opened.
+/// Opens the sparse image encoded in `data` (see [`SparseImage`]) read-only as `format` and
+/// exercises the device; returns whether it opened.
 pub fn open_and_exercise(format: Format, data: &[u8]) -> bool {
-    let storage = MemStorage::read_only(data.to_vec());
-    match open_storage(format, Box::new(storage), false) {
+    open_image_and_exercise(format, SparseImage::decode(data))
+}
+
+/// Opens `image` read-only as `format` and exercises the device; returns whether it opened.
+pub fn open_image_and_exercise(format: Format, image: SparseImage) -> bool {
+    match open_storage(format, Box::new(image), false) {
         Ok(dev) => {
             exercise(dev.as_ref());
             true
@@ -164,6 +170,171 @@ fn serde_json_len(info: &blockdev::ImageInfo) -> usize {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Sparse image encoding of the parser targets' inputs
+// ---------------------------------------------------------------------------------------------
+
+/// Page size of [`SparseImage`].
+pub const PAGE: u64 = 4096;
+
+/// An image file held as its non-zero 4 KiB pages: the input encoding of the parser targets.
+///
+/// Disk images are mostly zeros (an empty dynamic VHDX is 4 MiB of which ~40 KiB are not
+/// zero); mutating and copying megabytes per execution wastes the fuzzer's time. Encoding:
+///
+/// ```text
+///   u64 LE  file length
+///   then records, until the input ends:
+///   u32 LE  byte offset | u16 LE length | length bytes (a short last record is cut)
+/// ```
+///
+/// Records may overlap (the later one wins); bytes not covered read as zeros; bytes at or past
+/// the file length are not part of the file. `make-seeds.sh` encodes images this way.
+#[derive(Debug, Clone, Default)]
+pub struct SparseImage {
+    len: u64,
+    pages: std::collections::BTreeMap<u64, Box<[u8; PAGE as usize]>>,
+}
+
+impl SparseImage {
+    /// Decodes an input (never fails: any bytes are some image).
+    pub fn decode(data: &[u8]) -> SparseImage {
+        let mut img = SparseImage::default();
+        let Some(head) = data.get(..8) else {
+            img.len = data.len() as u64;
+            img.put(0, data);
+            return img;
+        };
+        img.len = u64::from_le_bytes(head.try_into().unwrap());
+        let mut p = 8;
+        while p + 6 <= data.len() && img.pages.len() < 8192 {
+            let off = u64::from(u32::from_le_bytes(data[p..p + 4].try_into().unwrap()));
+            let n = usize::from(u16::from_le_bytes(data[p + 4..p + 6].try_into().unwrap()));
+            let end = (p + 6 + n).min(data.len());
+            img.put(off, &data[p + 6..end]);
+            p = end;
+        }
+        img
+    }
+
+    /// A dense image.
+    pub fn from_bytes(data: &[u8]) -> SparseImage {
+        let mut img = SparseImage {
+            len: data.len() as u64,
+            ..SparseImage::default()
+        };
+        img.put(0, data);
+        img
+    }
+
+    /// Encodes: every non-zero page becomes a record (consecutive pages merged up to 60 KiB).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = self.len.to_le_bytes().to_vec();
+        let mut run: Option<(u64, Vec<u8>)> = None;
+        for (&idx, page) in &self.pages {
+            if page.iter().all(|&b| b == 0) {
+                continue;
+            }
+            let off = idx * PAGE;
+            let Ok(_) = u32::try_from(off + PAGE) else {
+                break;
+            };
+            match &mut run {
+                Some((start, bytes))
+                    if *start + bytes.len() as u64 == off && bytes.len() < 61440 =>
+                {
+                    bytes.extend_from_slice(&page[..]);
+                }
+                _ => {
+                    if let Some((start, bytes)) = run.take() {
+                        push_record(&mut out, start, &bytes);
+                    }
+                    run = Some((off, page.to_vec()));
+                }
+            }
+        }
+        if let Some((start, bytes)) = run {
+            push_record(&mut out, start, &bytes);
+        }
+        out
+    }
+
+    /// The file length.
+    pub fn file_len(&self) -> u64 {
+        self.len
+    }
+
+    /// Writes `data` at `off` (pages are created as needed; the length is not changed).
+    pub fn put(&mut self, off: u64, data: &[u8]) {
+        let mut done = 0usize;
+        while done < data.len() {
+            let at = off + done as u64;
+            let idx = at / PAGE;
+            let in_page = (at % PAGE) as usize;
+            let n = (PAGE as usize - in_page).min(data.len() - done);
+            let page = self
+                .pages
+                .entry(idx)
+                .or_insert_with(|| Box::new([0u8; PAGE as usize]));
+            page[in_page..in_page + n].copy_from_slice(&data[done..done + n]);
+            done += n;
+        }
+    }
+
+    /// Reads `buf.len()` bytes at `off` (zeros where no page is held; ignores the length).
+    pub fn get(&self, off: u64, buf: &mut [u8]) {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let at = off.saturating_add(done as u64);
+            let idx = at / PAGE;
+            let in_page = (at % PAGE) as usize;
+            let n = (PAGE as usize - in_page).min(buf.len() - done);
+            match self.pages.get(&idx) {
+                Some(p) => buf[done..done + n].copy_from_slice(&p[in_page..in_page + n]),
+                None => buf[done..done + n].fill(0),
+            }
+            done += n;
+        }
+    }
+}
+
+fn push_record(out: &mut Vec<u8>, start: u64, bytes: &[u8]) {
+    out.extend_from_slice(&(start as u32).to_le_bytes());
+    out.extend_from_slice(&(bytes.len() as u16).to_le_bytes());
+    out.extend_from_slice(bytes);
+}
+
+impl Storage for SparseImage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> blockdev::Result<()> {
+        match offset.checked_add(buf.len() as u64) {
+            Some(end) if end <= self.len => {
+                self.get(offset, buf);
+                Ok(())
+            }
+            _ => Err(blockdev::Error::new(
+                ErrorKind::Corrupt,
+                "read past the end of the file (truncated?)",
+            )
+            .with_offset(offset)),
+        }
+    }
+    fn write_at(&self, _buf: &[u8], _offset: u64) -> blockdev::Result<()> {
+        Err(blockdev::Error::read_only("fuzz input is read-only"))
+    }
+    fn len(&self) -> blockdev::Result<u64> {
+        Ok(self.len)
+    }
+    fn set_len(&self, _len: u64) -> blockdev::Result<()> {
+        Err(blockdev::Error::read_only("fuzz input is read-only"))
+    }
+    fn flush(&self) -> blockdev::Result<()> {
+        Ok(())
+    }
+    fn is_writable(&self) -> bool {
+        false
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // CRC-32C and VHDX re-signing
 // ---------------------------------------------------------------------------------------------
 
@@ -220,55 +391,67 @@ fn le64(d: &[u8], o: usize) -> u64 {
     u64::from_le_bytes(d[o..o + 8].try_into().unwrap())
 }
 
-/// Re-signs a mutated VHDX image. `mode` (a seed) picks the policy of hostile-inputs.md §5.1:
-/// 6 of 8 fully repaired, 1 of 8 keeps the mutated checksums, 1 of 8 repairs only headers.
-pub fn vhdx_resign(data: &mut [u8], mode: u32) {
-    match mode % 8 {
-        0 => {}
-        1 => {
-            resign_at(data, KIB64, 4096);
-            resign_at(data, 2 * KIB64, 4096);
-        }
-        _ => {
-            resign_at(data, KIB64, 4096);
-            resign_at(data, 2 * KIB64, 4096);
-            resign_at(data, 3 * KIB64, KIB64);
-            resign_at(data, 4 * KIB64, KIB64);
-            resign_log(data);
-        }
+/// Re-signs the CRC-32C at `off+4` of the `len`-byte structure at `off` of a sparse image.
+pub fn resign_sparse(img: &mut SparseImage, off: u64, len: usize) {
+    let mut buf = vec![0u8; len];
+    img.get(off, &mut buf);
+    resign_at(&mut buf, 0, len);
+    img.put(off, &buf);
+}
+
+/// Re-signs a mutated VHDX input (sparse encoding) in place, if the result still fits in
+/// `max_size`; returns the new length. `mode` (a seed) picks the policy of hostile-inputs.md
+/// §5.1: 6 of 8 fully repaired, 1 of 8 keeps the mutated checksums, 1 of 8 repairs only the
+/// headers.
+pub fn vhdx_resign_input(data: &mut [u8], size: usize, max_size: usize, mode: u32) -> usize {
+    if mode % 8 == 0 {
+        return size;
     }
+    let mut img = SparseImage::decode(&data[..size]);
+    resign_sparse(&mut img, KIB64 as u64, 4096);
+    resign_sparse(&mut img, 2 * KIB64 as u64, 4096);
+    if mode % 8 != 1 {
+        resign_sparse(&mut img, 3 * KIB64 as u64, KIB64);
+        resign_sparse(&mut img, 4 * KIB64 as u64, KIB64);
+        resign_log_sparse(&mut img);
+    }
+    let enc = img.encode();
+    if enc.len() > max_size || enc.len() > data.len() {
+        return size;
+    }
+    data[..enc.len()].copy_from_slice(&enc);
+    enc.len()
 }
 
 /// Re-signs every log entry that looks like one ("loge" at a 4 KiB step of the log region of
-/// the header with the higher sequence number); entries do not wrap here.
-pub fn resign_log(data: &mut [u8]) {
-    if data.len() < 2 * KIB64 + 4096 {
-        return;
-    }
-    let s1 = le64(data, KIB64 + 8);
-    let s2 = le64(data, 2 * KIB64 + 8);
-    let h = if s2 > s1 { 2 * KIB64 } else { KIB64 };
-    let log_len = le32(data, h + 68) as usize;
-    let Ok(log_off) = usize::try_from(le64(data, h + 72)) else {
-        return;
-    };
+/// the header with the higher sequence number); at most 256 entries, no wrapping.
+pub fn resign_log_sparse(img: &mut SparseImage) {
+    let mut h1 = [0u8; 80];
+    let mut h2 = [0u8; 80];
+    img.get(KIB64 as u64, &mut h1);
+    img.get(2 * KIB64 as u64, &mut h2);
+    let h = if le64(&h2, 8) > le64(&h1, 8) { h2 } else { h1 };
+    let log_len = u64::from(le32(&h, 68)).min(64 << 20);
+    let log_off = le64(&h, 72);
     let Some(log_end) = log_off.checked_add(log_len) else {
         return;
     };
-    let log_end = log_end.min(data.len());
     let mut p = log_off;
     let mut n = 0;
     while p + 64 <= log_end && n < 256 {
-        if &data[p..p + 4] == b"loge" {
-            let len = le32(data, p + 8) as usize;
-            if len >= 4096 && len % 4096 == 0 && p + len <= log_end {
-                resign_at(data, p, len);
+        let mut eh = [0u8; 12];
+        img.get(p, &mut eh);
+        if &eh[..4] == b"loge" {
+            let len = u64::from(le32(&eh, 8));
+            if len >= 4096 && len % 4096 == 0 && p + len <= log_end && len <= (4 << 20) {
+                resign_sparse(img, p, len as usize);
                 p += len;
                 n += 1;
                 continue;
             }
         }
         p += 4096;
+        n += 1;
     }
 }
 
@@ -324,6 +507,30 @@ pub fn create_template(
     };
     vdisk::formats::create(format, Box::new(Arc::clone(&mem)), &spec)?;
     Ok(mem)
+}
+
+/// Templates already made, by (format, options selector, size): creating one per execution
+/// would cost more than the operations.
+#[allow(clippy::type_complexity)]
+fn cached_template(
+    format: Format,
+    sel: u8,
+    size: u64,
+    opts: &[(String, String)],
+) -> Option<Vec<u8>> {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    static CACHE: OnceLock<Mutex<HashMap<(String, u64), Option<Vec<u8>>>>> = OnceLock::new();
+    // Keyed by the options themselves: selectors that pick the same options share an entry.
+    let _ = sel;
+    let key = (format!("{}{opts:?}", format.name()), size);
+    let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
+    if let Some(v) = cache.lock().unwrap().get(&key) {
+        return v.clone();
+    }
+    let v = create_template(format, size, opts).ok().map(|m| m.to_vec());
+    cache.lock().unwrap().insert(key, v.clone());
+    v
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -406,11 +613,12 @@ fn in_range(off: u64, len: u64, size: u64) -> bool {
 /// Runs `prog` against an image of `format`; panics when the image and the model disagree.
 pub fn run_ops(format: Format, prog: &Program) {
     let opts = template_options(format, prog.template);
-    let size = (1 + u64::from(prog.size % 16)) << 18; // 256 KiB .. 4 MiB
+    let size = (1 + u64::from(prog.size % 8)) << 18; // 256 KiB .. 2 MiB
     let size = size + if prog.size & 0x80 != 0 { 4096 * 3 } else { 0 };
-    let Ok(mem) = create_template(format, size, &opts) else {
+    let Some(bytes) = cached_template(format, prog.template, size, &opts) else {
         return;
     };
+    let mem = Arc::new(MemStorage::from_vec(bytes));
     let mut dev = match open_storage(format, Box::new(Arc::clone(&mem)), true) {
         Ok(d) => d,
         Err(e) => panic!("cannot open a template we created ({opts:?}): {e}"),
@@ -586,7 +794,7 @@ pub fn run_roundtrip(rt: &RoundTrip) {
         _ => Format::Qcow2,
     };
     let opts = template_options(format, rt.template);
-    let size = ((1 + u64::from(rt.size % 32)) << 17) + if rt.size & 0x80 != 0 { 4096 } else { 0 };
+    let size = ((1 + u64::from(rt.size % 16)) << 17) + if rt.size & 0x80 != 0 { 4096 } else { 0 };
     let mem = Arc::new(MemStorage::new());
     let limits = limits();
     let spec = CreateSpec {
