@@ -94,7 +94,9 @@ pub fn convert(
     };
     let mut writer = formats::writer(opts.format, Box::new(storage), &spec)?;
     let report = fill(src, writer.as_mut(), opts, cancel, progress)?;
-    writer.finish()?;
+    writer
+        .finish()
+        .map_err(|e| e.context("finishing the output"))?;
     if opts.verify {
         verify_output(pending.tmp_path(), opts, src.size(), &report)?;
     }
@@ -200,10 +202,15 @@ fn apply(
                 .checked_add(len)
                 .and_then(|end| buf.get(start..end))
                 .ok_or_else(|| Error::new(ErrorKind::Io, "internal: data op outside its buffer"))?;
-            writer.write_data(base + start as u64, data)?;
+            let at = base + start as u64;
+            writer
+                .write_data(at, data)
+                .map_err(|e| e.context(format!("writing the output at guest offset {at}")))?;
             report.bytes_written += len as u64;
         }
-        Op::Zeroes { offset, len } => writer.write_zeroes(offset, len)?,
+        Op::Zeroes { offset, len } => writer
+            .write_zeroes(offset, len)
+            .map_err(|e| e.context(format!("writing the output at guest offset {offset}")))?,
     }
     Ok(())
 }

@@ -181,7 +181,8 @@ where
             let slice = buf
                 .get_mut(..n)
                 .ok_or_else(|| Error::new(ErrorKind::Io, "pipeline buffer too small"))?;
-            dev.read_at(slice, offset)?;
+            dev.read_at(slice, offset)
+                .map_err(|e| e.context(format!("reading the source at guest offset {offset}")))?;
             let extra = process(&item, slice)?;
             Ok(Processed { item, buf, extra })
         }
