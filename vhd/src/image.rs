@@ -745,6 +745,21 @@ impl VhdImage {
         Ok(())
     }
 
+    /// The extent of `len` present bytes at guest `offset`, stored at `host`: a hole of the
+    /// file there reads as zeros (writers, qemu's and ours, leave zero runs of a block
+    /// unwritten), so it is reported as `Zero` and copies skip it without reading.
+    fn host_extent(&self, offset: u64, len: u64, host: u64) -> Result<Extent> {
+        match self.storage.region_at(host)? {
+            StorageRegion::Hole(n) if n > 0 => {
+                Ok(Extent::new(offset, n.min(len), ExtentKind::Zero))
+            }
+            StorageRegion::Data(n) if n > 0 => {
+                Ok(Extent::new(offset, n.min(len), ExtentKind::Data).at_host(host))
+            }
+            _ => Ok(Extent::new(offset, len, ExtentKind::Data).at_host(host)),
+        }
+    }
+
     fn status_dyn(&self, d: &Dyn, offset: u64, max_len: u64) -> Result<Extent> {
         let bs = d.block_size;
         let blk = offset / bs;
@@ -773,7 +788,7 @@ impl VhdImage {
             Some(at) => {
                 let host = at + d.bitmap_size + within;
                 if self.fi.kind == DiskType::Dynamic {
-                    return Ok(Extent::new(offset, in_block, ExtentKind::Data).at_host(host));
+                    return self.host_extent(offset, in_block, host);
                 }
                 let map = self.read_bitmap(d, at)?;
                 let sec = within / SECTOR;
@@ -784,7 +799,7 @@ impl VhdImage {
                 }
                 let len = end - within;
                 if bit {
-                    Ok(Extent::new(offset, len, ExtentKind::Data).at_host(host))
+                    self.host_extent(offset, len, host)
                 } else {
                     Ok(Extent::new(offset, len, ExtentKind::Unallocated))
                 }

@@ -1,6 +1,11 @@
-//! The sequential writer `convert` drives: blocks are appended in guest order, one pwrite per
-//! block (bitmap and data together), and the metadata (BAT, batmap, locators, header, both
-//! footers) is written once by `finish`.
+//! The sequential writer `convert` drives: blocks are appended in guest order and the metadata
+//! (BAT, batmap, locators, header, both footers) is written once by `finish`.
+//!
+//! Without a parent, a block is placed when its first non-zero byte arrives: its bitmap (all
+//! sectors present) is written, then the data goes straight to its place in the file. Zero runs
+//! inside a block are never written, so they stay holes of the file and read as zeros (like
+//! qemu's vpc driver, the file is as sparse as the guest data). A differencing image builds each
+//! block in memory (its bitmap says which sectors it holds) and writes it with one pwrite.
 
 use blockdev::{is_zero, try_alloc, Error, ImageWriter, Limits, Result, Storage};
 
@@ -19,6 +24,8 @@ pub struct VhdWriter {
     cur: Option<(u64, Vec<u8>)>,
     /// A block buffer to reuse.
     spare: Option<Vec<u8>>,
+    /// The bitmap of a block holding all its sectors (built on first use).
+    full_map: Vec<u8>,
     next: u64,
     limits: Limits,
 }
@@ -59,6 +66,7 @@ impl VhdWriter {
             batmap,
             cur: None,
             spare: None,
+            full_map: Vec::new(),
             next,
             limits: limits.clone(),
         })
@@ -132,6 +140,57 @@ impl VhdWriter {
         Ok(())
     }
 
+    /// Without a parent: writes `data` at guest `offset` straight into its block, placing the
+    /// block first when this is its first data.
+    fn put_direct(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        let bs = self.layout.block_size;
+        let bm = self.layout.bitmap_size;
+        let mut done = 0usize;
+        while done < data.len() {
+            let off = offset + done as u64;
+            let blk = off / bs;
+            let within = off % bs;
+            let n = usize::try_from((bs - within).min((data.len() - done) as u64))
+                .map_err(|_| Error::invalid_argument("write too large"))?;
+            let part = data.get(done..done + n).unwrap_or_default();
+            done += n;
+            if is_zero(part) {
+                continue;
+            }
+            let idx = usize::try_from(blk).map_err(|_| Error::out_of_bounds(off, 1, self.size))?;
+            let entry = self
+                .bat
+                .get(idx)
+                .copied()
+                .ok_or_else(|| Error::out_of_bounds(off, 1, self.size))?;
+            let at = if entry == BAT_UNUSED {
+                let at = self.next;
+                let sector = u32::try_from(at / SECTOR)
+                    .map_err(|_| Error::unsupported("the VHD file would exceed 2 TiB"))?;
+                if self.full_map.is_empty() {
+                    let mut map = try_alloc(bm, &self.limits, "block bitmap")?;
+                    for s in 0..bs / SECTOR {
+                        set_bit_msb(&mut map, s);
+                    }
+                    self.full_map = map;
+                }
+                self.storage.write_at(&self.full_map, at)?;
+                self.next = at + bm + bs;
+                if let Some(e) = self.bat.get_mut(idx) {
+                    *e = sector;
+                }
+                if let Some(m) = self.batmap.as_mut() {
+                    set_bit_msb(m, blk);
+                }
+                at
+            } else {
+                u64::from(entry) * SECTOR
+            };
+            self.storage.write_at(part, at + bm + within)?;
+        }
+        Ok(())
+    }
+
     fn put(&mut self, offset: u64, data: Option<&[u8]>, len: u64) -> Result<()> {
         let bs = self.layout.block_size;
         let bm = self.layout.bitmap_size;
@@ -167,8 +226,9 @@ impl VhdWriter {
 
 impl ImageWriter for VhdWriter {
     fn granularity(&self) -> u64 {
-        if self.fixed() {
-            // Unwritten parts of a fixed image stay holes: skip zero runs of a page.
+        if self.fixed() || !self.has_parent {
+            // Unwritten parts of a fixed image, or of a block of a dynamic one, stay holes:
+            // skip zero runs of a page.
             4096
         } else {
             self.layout.block_size
@@ -180,8 +240,8 @@ impl ImageWriter for VhdWriter {
         if self.fixed() {
             return self.storage.write_at(data, offset);
         }
-        if !self.has_parent && is_zero(data) {
-            return Ok(());
+        if !self.has_parent {
+            return self.put_direct(offset, data);
         }
         self.put(offset, Some(data), data.len() as u64)
     }

@@ -332,3 +332,72 @@ fn vhdiinfo_reads_our_metadata() {
     let st = FileStorage::open(&p, false).unwrap();
     assert_eq!(st.len().unwrap(), 512 + 1024 + 512 + 512);
 }
+
+/// Zero runs inside a block are left as holes of the file by the writer (as qemu does); every
+/// reader still sees zeros there, and our block status reports them as zeros.
+#[test]
+fn zero_runs_inside_blocks_stay_holes() {
+    require_tool("qemu-img");
+    let dir = tempfile::tempdir().unwrap();
+    let size = 8u64 << 20;
+    let mut data = vec![0u8; size as usize];
+    let mut rng = TestRng::new(41);
+    rng.fill(&mut data[..100_000]);
+    rng.fill(&mut data[300_000..(1 << 20) + 777]);
+    rng.fill(&mut data[(2 << 20) + 4096..(2 << 20) + 8192]);
+    rng.fill(&mut data[(6 << 20) - 512..(6 << 20) + 4096]);
+    let raw_path = dir.path().join("z.raw");
+    std::fs::write(&raw_path, &data).unwrap();
+    let out = dir.path().join("z.vhd");
+    let st = FileStorage::create_new(&out).unwrap();
+    let mut w: Box<dyn ImageWriter> = Box::new(
+        VhdWriter::new(
+            Box::new(st),
+            &CreateOptions::dynamic(size),
+            &Limits::default(),
+        )
+        .unwrap(),
+    );
+    assert_eq!(w.granularity(), 4096);
+    // Like the convert engine: 1 MiB items, only their non-zero pages handed over.
+    for start in (0..data.len()).step_by(1 << 20) {
+        let chunk = &data[start..start + (1 << 20)];
+        let mut runs = Vec::new();
+        blockdev::zero_runs(chunk, 4096, |s, l, zero| {
+            if !zero {
+                runs.push((s, l));
+            }
+        });
+        for (s, l) in runs {
+            w.write_data((start + s) as u64, &chunk[s..s + l]).unwrap();
+        }
+    }
+    w.finish().unwrap();
+    qemu_compare(&raw_path, &out);
+    let img = open_path(&out, false).unwrap();
+    assert_eq!(sha256_device(&img), sha256_file(&raw_path));
+    if let Some(sha) = pyvhdi_sha(&out, None) {
+        assert_eq!(sha, sha256_file(&raw_path), "pyvhdi");
+    }
+    let rep = img.check().unwrap();
+    assert_eq!(rep.corruptions() + rep.leaks(), 0, "{:?}", rep.findings);
+    // All four 2 MiB blocks are allocated (8 MiB of blocks) but hold under 1 MiB of data: the
+    // rest are holes of the file.
+    let on_disk = std::fs::metadata(&out).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert!(
+        on_disk.blocks() * 512 < 3 << 20,
+        "the file should be sparse: {} bytes allocated",
+        on_disk.blocks() * 512
+    );
+    // The zero run inside block 0 reads as zeros without a read (where the filesystem reports
+    // holes).
+    let e = img.block_status(200_000, 1 << 20).unwrap();
+    assert!(
+        e.kind == blockdev::ExtentKind::Zero || e.kind == blockdev::ExtentKind::Data,
+        "{e:?}"
+    );
+    if e.kind == blockdev::ExtentKind::Zero {
+        assert!(e.offset + e.len <= 300_000, "{e:?}");
+    }
+}
