@@ -4,7 +4,7 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::RwLock;
+use std::sync::{Mutex, RwLock};
 
 use crate::error::{Error, ErrorKind, Result};
 
@@ -142,11 +142,55 @@ impl<T: Storage + ?Sized> Storage for std::sync::Arc<T> {
 }
 
 /// A regular file (or block device) opened read-only or read-write.
+///
+/// Write-behind: once [`WRITE_BEHIND`] bytes have been written since the last time, the range
+/// they span (when each write started past the end of the one before, as with the sequential
+/// writers of `convert`) is handed to the kernel's writeback (`POSIX_FADV_DONTNEED`, which starts writing
+/// dirty pages without waiting for them and drops pages already clean). The disk then works
+/// while the conversion goes on, the final flush waits only for the last stretch, and a large
+/// copy does not fill the page cache.
 #[derive(Debug)]
 pub struct FileStorage {
     file: File,
     path: PathBuf,
     writable: bool,
+    behind: Mutex<WriteBehind>,
+}
+
+/// Bytes written between two write-behind kicks.
+pub const WRITE_BEHIND: u64 = 32 << 20;
+
+/// What was written since the last write-behind kick.
+#[derive(Debug, Default)]
+struct WriteBehind {
+    bytes: u64,
+    lo: u64,
+    hi: u64,
+    /// Every write so far started at or after the end of the one before.
+    forward: bool,
+}
+
+impl WriteBehind {
+    /// Records a write; returns the range to hand to writeback when it is time: only for
+    /// writes going forward through the file (sparse or not), as sequential writers do.
+    fn record(&mut self, offset: u64, len: u64) -> Option<(u64, u64)> {
+        let end = offset.saturating_add(len);
+        if self.bytes == 0 {
+            (self.lo, self.hi, self.forward) = (offset, end, true);
+        } else {
+            self.forward &= offset >= self.hi;
+            self.lo = self.lo.min(offset);
+            self.hi = self.hi.max(end);
+        }
+        self.bytes = self.bytes.saturating_add(len);
+        if self.bytes < WRITE_BEHIND {
+            return None;
+        }
+        let range = (self.lo, self.hi - self.lo);
+        let forward = self.forward;
+        *self = WriteBehind::default();
+        forward.then_some(range)
+    }
 }
 
 impl FileStorage {
@@ -170,6 +214,7 @@ impl FileStorage {
             file,
             path: path.to_path_buf(),
             writable,
+            behind: Mutex::default(),
         })
     }
 
@@ -196,6 +241,7 @@ impl FileStorage {
             file,
             path: path.to_path_buf(),
             writable: true,
+            behind: Mutex::default(),
         })
     }
 
@@ -205,6 +251,7 @@ impl FileStorage {
             file,
             path,
             writable,
+            behind: Mutex::default(),
         }
     }
 
@@ -243,7 +290,22 @@ impl Storage for FileStorage {
         }
         self.file
             .write_all_at(buf, offset)
-            .map_err(|e| self.err("write failed", e, offset))
+            .map_err(|e| self.err("write failed", e, offset))?;
+        let kick = self
+            .behind
+            .lock()
+            .ok()
+            .and_then(|mut wb| wb.record(offset, buf.len() as u64));
+        if let Some((start, len)) = kick {
+            // Only a hint: a failure here changes nothing about what was written.
+            let _ = rustix::fs::fadvise(
+                &self.file,
+                start,
+                std::num::NonZeroU64::new(len),
+                rustix::fs::Advice::DontNeed,
+            );
+        }
+        Ok(())
     }
 
     fn len(&self) -> Result<u64> {
@@ -456,6 +518,26 @@ mod tests {
         assert_eq!(&b, b"\0abc");
         assert!(m.read_at(&mut b, 11).is_err());
         assert_eq!(m.read_at_most(&mut b, 11).unwrap(), 2);
+    }
+
+    #[test]
+    fn write_behind_only_for_forward_writes() {
+        let mut wb = WriteBehind::default();
+        let step = WRITE_BEHIND / 4;
+        // Forward and sparse: kicked once enough was written, over the span written.
+        assert_eq!(wb.record(0, step), None);
+        assert_eq!(wb.record(3 * step, step), None);
+        assert_eq!(wb.record(10 * step, step), None);
+        assert_eq!(wb.record(11 * step, step), Some((0, 12 * step)));
+        // Going back (metadata rewritten, random writes): no kick, and the count restarts.
+        assert_eq!(wb.record(20 * step, step), None);
+        assert_eq!(wb.record(0, step), None);
+        assert_eq!(wb.record(21 * step, step), None);
+        assert_eq!(wb.record(22 * step, step), None);
+        for k in 23..26 {
+            assert_eq!(wb.record(k * step, step), None);
+        }
+        assert_eq!(wb.record(26 * step, step), Some((23 * step, 4 * step)));
     }
 
     #[test]
