@@ -4,7 +4,8 @@
 Builds a 4 GiB test disk (about 35% data, half random and half compressible, 15% zero-filled,
 the rest holes), makes the source images with qemu-img, then converts each pair with both tools,
 alternating, and prints the median wall time, the peak memory (max RSS of the process) and the
-ratio vdconv/qemu-img for each.
+ratio vdconv/qemu-img for each, and the median CPU time (user + system) of each: on a shared
+machine wall times are noisy, CPU times much less.
 
     bench/bench.py [--size-gib 4] [--runs 3] [--dir DIR] [--vdconv PATH] [--pairs raw:qcow2,...]
 
@@ -51,7 +52,7 @@ def make_disk(path, size):
 
 
 def measure(cmd):
-    """Runs cmd; returns (seconds, peak RSS in MiB)."""
+    """Runs cmd; returns (seconds, peak RSS in MiB, CPU seconds: user + system)."""
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(p.pid, 0)
@@ -60,7 +61,7 @@ def measure(cmd):
     p.stderr.close()
     if status != 0:
         raise SystemExit(f"command failed ({status}): {' '.join(cmd)}\n{err}")
-    return dt, usage.ru_maxrss / 1024.0
+    return dt, usage.ru_maxrss / 1024.0, usage.ru_utime + usage.ru_stime
 
 
 def main():
@@ -91,8 +92,10 @@ def main():
             subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", QEMU_FMT[fmt], src["raw"], src[fmt]], check=True)
 
     print(f"vdconv: {vdconv}\nqemu-img: {subprocess.run(['qemu-img', '--version'], capture_output=True, text=True).stdout.splitlines()[0]}")
-    print(f"cores: {os.cpu_count()}, runs per tool: {args.runs}\n")
-    header = f"{'pair':<16}{'qemu-img s':>11}{'vdconv s':>10}{'ratio':>8}{'qemu MiB':>10}{'vdconv MiB':>11}"
+    print(f"cores: {os.cpu_count()}, runs per tool: {args.runs}, qemu-img cache: {args.qemu_cache or 'default (unsafe: no flush)'}")
+    print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}\n")
+    header = (f"{'pair':<16}{'qemu-img s':>11}{'vdconv s':>10}{'ratio':>8}{'qemu MiB':>10}{'vdconv MiB':>11}"
+              f"{'qemu cpu':>10}{'vdconv cpu':>11}")
     print(header)
     print("-" * len(header))
     results = []
@@ -109,26 +112,30 @@ def main():
         if compress:
             qcmd.append("-c")
             vcmd.append("-c")
-        qt, vt, qm, vm = [], [], [], []
+        qt, vt, qm, vm, qc, vc = [], [], [], [], [], []
         for _ in range(args.runs):
             for path in (out_q, out_v):
                 if os.path.exists(path):
                     os.remove(path)
-            t, m = measure(qcmd + [src[a], out_q])
+            t, m, c = measure(qcmd + [src[a], out_q])
             qt.append(t)
             qm.append(m)
-            t, m = measure(vcmd + [src[a], out_v])
+            qc.append(c)
+            t, m, c = measure(vcmd + [src[a], out_v])
             vt.append(t)
             vm.append(m)
+            vc.append(c)
         check = subprocess.run(["qemu-img", "compare", "-f", QEMU_FMT[b_fmt], "-F", QEMU_FMT[b_fmt], out_q, out_v], capture_output=True, text=True)
         same = "same" if check.returncode == 0 else "DIFFERENT"
         q, v = statistics.median(qt), statistics.median(vt)
         row = (pair, q, v, v / q if q else float("nan"), max(qm), max(vm), same)
         results.append(row)
-        print(f"{pair:<16}{q:>11.2f}{v:>10.2f}{row[3]:>8.2f}{row[4]:>10.1f}{row[5]:>11.1f}  {same}", flush=True)
+        print(f"{pair:<16}{q:>11.2f}{v:>10.2f}{row[3]:>8.2f}{row[4]:>10.1f}{row[5]:>11.1f}"
+              f"{statistics.median(qc):>10.2f}{statistics.median(vc):>11.2f}  {same}", flush=True)
         for path in (out_q, out_v):
             if os.path.exists(path):
                 os.remove(path)
+    print(f"\nload average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if not args.dir:
         shutil.rmtree(work, ignore_errors=True)
     return 0 if all(r[6] == "same" for r in results) else 1
