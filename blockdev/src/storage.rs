@@ -4,7 +4,7 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, RwLock};
+use std::sync::{mpsc, Mutex, RwLock};
 
 use crate::error::{Error, ErrorKind, Result};
 
@@ -168,6 +168,9 @@ struct WriteBehind {
     hi: u64,
     /// Every write so far started at or after the end of the one before.
     forward: bool,
+    /// The thread that hands ranges to writeback (started at the first kick), so the writer
+    /// does not spend its own time submitting writeback and dropping pages.
+    worker: Option<mpsc::Sender<(u64, u64)>>,
 }
 
 impl WriteBehind {
@@ -188,8 +191,45 @@ impl WriteBehind {
         }
         let range = (self.lo, self.hi - self.lo);
         let forward = self.forward;
-        *self = WriteBehind::default();
+        self.bytes = 0;
         forward.then_some(range)
+    }
+
+    /// Hands `range` of `file` to writeback on the worker thread (or here when there is none).
+    /// Only a hint: a failure changes nothing about what was written.
+    fn kick(&mut self, file: &File, range: (u64, u64)) {
+        if self.worker.is_none() {
+            if let Ok(f) = file.try_clone() {
+                let (tx, rx) = mpsc::channel::<(u64, u64)>();
+                let spawned = std::thread::Builder::new()
+                    .name("write-behind".into())
+                    .spawn(move || {
+                        for (start, len) in rx {
+                            let _ = rustix::fs::fadvise(
+                                &f,
+                                start,
+                                std::num::NonZeroU64::new(len),
+                                rustix::fs::Advice::DontNeed,
+                            );
+                        }
+                    });
+                if spawned.is_ok() {
+                    self.worker = Some(tx);
+                }
+            }
+        }
+        let sent = self
+            .worker
+            .as_ref()
+            .is_some_and(|tx| tx.send(range).is_ok());
+        if !sent {
+            let _ = rustix::fs::fadvise(
+                file,
+                range.0,
+                std::num::NonZeroU64::new(range.1),
+                rustix::fs::Advice::DontNeed,
+            );
+        }
     }
 }
 
@@ -291,19 +331,10 @@ impl Storage for FileStorage {
         self.file
             .write_all_at(buf, offset)
             .map_err(|e| self.err("write failed", e, offset))?;
-        let kick = self
-            .behind
-            .lock()
-            .ok()
-            .and_then(|mut wb| wb.record(offset, buf.len() as u64));
-        if let Some((start, len)) = kick {
-            // Only a hint: a failure here changes nothing about what was written.
-            let _ = rustix::fs::fadvise(
-                &self.file,
-                start,
-                std::num::NonZeroU64::new(len),
-                rustix::fs::Advice::DontNeed,
-            );
+        if let Ok(mut wb) = self.behind.lock() {
+            if let Some(range) = wb.record(offset, buf.len() as u64) {
+                wb.kick(&self.file, range);
+            }
         }
         Ok(())
     }
