@@ -112,6 +112,9 @@ pub struct Planner<'a> {
     chunk: u64,
     pos: u64,
     pending_zero: Option<(u64, u64)>,
+    /// The last extent the chain reported: the walk asks about the same range several times
+    /// (once to classify it, again to extend a data item, and per chunk of a long extent).
+    last: Option<ChainExtent>,
 }
 
 impl<'a> Planner<'a> {
@@ -126,6 +129,7 @@ impl<'a> Planner<'a> {
             chunk,
             pos: 0,
             pending_zero: None,
+            last: None,
         }
     }
 
@@ -140,6 +144,24 @@ impl<'a> Planner<'a> {
         }
     }
 
+    /// `chain_status` at `pos`, answered from the last extent when it covers `pos`.
+    fn status(&mut self, pos: u64) -> Result<ChainExtent> {
+        if let Some(e) = self.last {
+            if e.offset <= pos && pos < e.offset + e.len {
+                let skip = pos - e.offset;
+                return Ok(ChainExtent {
+                    offset: pos,
+                    len: e.len - skip,
+                    host_offset: e.host_offset.map(|h| h + skip),
+                    ..e
+                });
+            }
+        }
+        let e = chain_status(self.dev, pos, self.size - pos)?;
+        self.last = Some(e);
+        Ok(e)
+    }
+
     /// The next item, or `None` at the end.
     pub fn next_item(&mut self) -> Result<Option<PlanItem>> {
         loop {
@@ -150,7 +172,7 @@ impl<'a> Planner<'a> {
                     .map(|(offset, len)| PlanItem::Zero { offset, len }));
             }
             let pos = self.pos;
-            let e = chain_status(self.dev, pos, self.size - pos)?;
+            let e = self.status(pos)?;
             if !e.data {
                 let end = pos + e.len;
                 let z_end = if end == self.size {
@@ -179,7 +201,7 @@ impl<'a> Planner<'a> {
             let mut q = pos;
             let mut data_end = pos;
             while q < window_end {
-                let e = chain_status(self.dev, q, window_end - q)?;
+                let e = self.status(q)?;
                 let e_end = (q + e.len).min(window_end);
                 if e.data {
                     data_end = e_end;

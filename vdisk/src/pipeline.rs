@@ -187,12 +187,10 @@ where
             Ok(Processed { item, buf, extra })
         }
         PlanItem::Zero { .. } => {
+            // Hand the pool's buffer back untouched: dropping it here would make the next data
+            // item allocate and zero-fill a fresh chunk.
             let extra = process(&item, &[])?;
-            Ok(Processed {
-                item,
-                buf: Vec::new(),
-                extra,
-            })
+            Ok(Processed { item, buf, extra })
         }
     }
 }

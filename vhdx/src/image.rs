@@ -908,7 +908,17 @@ impl BlockDevice for VhdxImage {
             len += n;
         }
         let ext = match first {
-            Class::Data(h) => Extent::new(offset, len, ExtentKind::Data).at_host(h),
+            // A hole of the file inside a present block reads as zeros (qemu and our writer
+            // leave the zero runs of a block unwritten): report it so copies skip the read.
+            Class::Data(h) => match self.storage.region_at(h)? {
+                blockdev::StorageRegion::Hole(n) if n > 0 => {
+                    Extent::new(offset, n.min(len), ExtentKind::Zero)
+                }
+                blockdev::StorageRegion::Data(n) if n > 0 => {
+                    Extent::new(offset, n.min(len), ExtentKind::Data).at_host(h)
+                }
+                _ => Extent::new(offset, len, ExtentKind::Data).at_host(h),
+            },
             Class::Zero => Extent::new(offset, len, ExtentKind::Zero),
             Class::Parent => Extent::new(offset, len, ExtentKind::Unallocated),
         };

@@ -146,7 +146,13 @@ impl VhdxWriter {
 
 impl ImageWriter for VhdxWriter {
     fn granularity(&self) -> u64 {
-        self.layout.geom.block_size.min(MIB)
+        if self.layout.geom.has_parent {
+            self.layout.geom.block_size.min(MIB)
+        } else {
+            // Data goes straight into its block: zero pages left unwritten stay holes of the
+            // file and read as zeros, so skip zero runs of a page (as qemu does).
+            4096
+        }
     }
 
     fn write_data(&mut self, offset: u64, data: &[u8]) -> Result<()> {
