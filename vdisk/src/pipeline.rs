@@ -5,9 +5,14 @@
 //! restores guest order and returns the buffer. Memory is bounded by the pool: `in_flight`
 //! buffers of `chunk` bytes, whatever the image size.
 //!
+//! Zero items need neither a read nor a buffer: the planner processes them itself and sends
+//! them straight to the consumer (sparse disks are half zero items; each skipped hand-off is a
+//! few futex calls and context switches).
+//!
 //! Deadlock freedom: a reader takes a buffer *before* it takes an item, so every item handed out
 //! is owned by a reader that can finish it; the consumer therefore always receives the item it
-//! waits for.
+//! waits for. Zero items hold no buffer and are sent on an unbounded channel, so the planner
+//! never waits for the consumer with them.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -81,7 +86,8 @@ where
             .map_err(|_| Error::new(ErrorKind::Io, "pipeline pool closed"))?;
     }
     let pool_rx = Mutex::new(pool_rx);
-    let (out_tx, out_rx) = mpsc::channel::<(u64, Result<Processed<T>>)>();
+    // The flag says whether the item holds a buffer of the pool (to give back).
+    let (out_tx, out_rx) = mpsc::channel::<(u64, Result<Processed<T>>, bool)>();
     let stop = AtomicBool::new(false);
     let cancelled = || cancel.is_some_and(|c| c.load(Ordering::Relaxed));
 
@@ -90,6 +96,8 @@ where
         let (item_tx, item_rx) = mpsc::sync_channel::<(u64, Result<PlanItem>)>(cfg.in_flight * 2);
         let (unit, plan_chunk) = (cfg.unit, cfg.chunk);
         let stop_ref = &stop;
+        let zero_tx = out_tx.clone();
+        let process_ref = &process;
         s.spawn(move || {
             let mut planner = Planner::new(dev, unit, plan_chunk);
             let mut seq = 0u64;
@@ -101,6 +109,20 @@ where
                     Ok(None) => break,
                     Err(e) => Err(e),
                 };
+                if let Ok(item @ PlanItem::Zero { .. }) = msg {
+                    // Nothing to read and no buffer needed: straight to the consumer, which
+                    // restores the order. Half the items of a sparse disk skip two hand-offs.
+                    let res = process_ref(&item, &[]).map(|extra| Processed {
+                        item,
+                        buf: Vec::new(),
+                        extra,
+                    });
+                    if zero_tx.send((seq, res, false)).is_err() {
+                        break;
+                    }
+                    seq += 1;
+                    continue;
+                }
                 if item_tx.send((seq, msg)).is_err() || done {
                     break;
                 }
@@ -126,7 +148,7 @@ where
                 let next = item_rx.lock().ok().and_then(|rx| rx.recv().ok());
                 let Some((seq, item)) = next else { return };
                 let res = item.and_then(|item| read_and_process(dev, item, buf, chunk, process));
-                if out_tx.send((seq, res)).is_err() {
+                if out_tx.send((seq, res, true)).is_err() {
                     return;
                 }
             });
@@ -135,11 +157,11 @@ where
         drop(out_tx);
 
         let mut next_seq = 0u64;
-        let mut pending: BTreeMap<u64, Result<Processed<T>>> = BTreeMap::new();
+        let mut pending: BTreeMap<u64, (Result<Processed<T>>, bool)> = BTreeMap::new();
         let result = (|| -> Result<()> {
-            for (seq, res) in out_rx.iter() {
-                pending.insert(seq, res);
-                while let Some(res) = pending.remove(&next_seq) {
+            for (seq, res, pooled) in out_rx.iter() {
+                pending.insert(seq, (res, pooled));
+                while let Some((res, pooled)) = pending.remove(&next_seq) {
                     next_seq += 1;
                     if cancelled() {
                         return Err(Error::new(ErrorKind::Interrupted, "interrupted"));
@@ -147,7 +169,9 @@ where
                     let p = res?;
                     consume(&p)?;
                     // Recycle the buffer: the pool never holds more than `in_flight`.
-                    let _ = pool_tx.send(p.buf);
+                    if pooled {
+                        let _ = pool_tx.send(p.buf);
+                    }
                 }
             }
             Ok(())
