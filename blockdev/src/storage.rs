@@ -8,7 +8,7 @@ use std::sync::{mpsc, Mutex, RwLock};
 
 use crate::error::{Error, ErrorKind, Result};
 
-/// What [`Storage::next_data`] found at an offset of the file.
+/// What [`Storage::region_at`] found at an offset of the file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StorageRegion {
     /// `len` bytes of (possibly) non-hole data start here.
@@ -143,7 +143,7 @@ impl<T: Storage + ?Sized> Storage for std::sync::Arc<T> {
 
 /// A regular file (or block device) opened read-only or read-write.
 ///
-/// Write-behind: once [`WRITE_BEHIND`] bytes have been written since the last time, the range
+/// Write-behind: once `WRITE_BEHIND` (32 MiB) bytes have been written since the last time, the range
 /// they span (when each write started past the end of the one before, as with the sequential
 /// writers of `convert`) is handed to the kernel's writeback (`POSIX_FADV_DONTNEED`, which starts writing
 /// dirty pages without waiting for them and drops pages already clean). The disk then works
