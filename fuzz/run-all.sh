@@ -17,8 +17,8 @@ for t in "${targets[@]}"; do
     open_vhd) extra=(-max_len=1048576 -dict=dictionaries/vhd.dict -use_value_profile=1) ;;
     open_vhdx) extra=(-max_len=1048576 -dict=dictionaries/vhdx.dict -use_value_profile=1) ;;
     open_qcow2) extra=(-max_len=1048576 -dict=dictionaries/qcow2.dict -use_value_profile=1) ;;
-    vhdx_log_replay) extra=(-max_len=65536) ;;
-    *) extra=(-max_len=4096) ;;
+    vhdx_log_replay) extra=(-max_len=65536 -len_control=0) ;;
+    *) extra=(-max_len=4096 -len_control=0) ;;
   esac
   [ -d "seeds/$t" ] && seeds=("seeds/$t")
   mkdir -p "corpus/$t"
