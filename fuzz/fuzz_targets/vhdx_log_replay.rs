@@ -253,7 +253,7 @@ fn view(dev: &dyn BlockDevice) -> (u64, Vec<u8>, Vec<(u64, u64)>) {
 fuzz_target!(|input: LogInput| {
     let (img, log_off, log_len) = template();
     let (log_off, log_len) = (*log_off, *log_len);
-    if log_len < 4096 || log_len > (16 << 20) {
+    if !(4096..=(16 << 20)).contains(&log_len) {
         return;
     }
     let mut img = img.clone();

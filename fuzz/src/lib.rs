@@ -404,7 +404,7 @@ pub fn resign_sparse(img: &mut SparseImage, off: u64, len: usize) {
 /// §5.1: 6 of 8 fully repaired, 1 of 8 keeps the mutated checksums, 1 of 8 repairs only the
 /// headers.
 pub fn vhdx_resign_input(data: &mut [u8], size: usize, max_size: usize, mode: u32) -> usize {
-    if mode % 8 == 0 {
+    if mode.is_multiple_of(8) {
         return size;
     }
     let mut img = SparseImage::decode(&data[..size]);
