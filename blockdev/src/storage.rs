@@ -4,7 +4,7 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{mpsc, Mutex, RwLock};
+use std::sync::{mpsc, Arc, Mutex, RwLock};
 
 use crate::error::{Error, ErrorKind, Result};
 
@@ -75,71 +75,47 @@ pub trait Storage: Send + Sync {
     }
 }
 
-impl<T: Storage + ?Sized> Storage for Box<T> {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        (**self).read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        (**self).write_at(buf, offset)
-    }
-    fn len(&self) -> Result<u64> {
-        (**self).len()
-    }
-    fn set_len(&self, len: u64) -> Result<()> {
-        (**self).set_len(len)
-    }
-    fn flush(&self) -> Result<()> {
-        (**self).flush()
-    }
-    fn is_writable(&self) -> bool {
-        (**self).is_writable()
-    }
-    fn path(&self) -> Option<&Path> {
-        (**self).path()
-    }
-    fn read_at_most(&self, buf: &mut [u8], offset: u64) -> Result<usize> {
-        (**self).read_at_most(buf, offset)
-    }
-    fn region_at(&self, offset: u64) -> Result<StorageRegion> {
-        (**self).region_at(offset)
-    }
-    fn punch_hole(&self, offset: u64, len: u64) -> Result<bool> {
-        (**self).punch_hole(offset, len)
-    }
+/// Forwards every `Storage` method through a smart pointer, so `Box<dyn Storage>` and
+/// `Arc<dyn Storage>` are storages too (one list of methods to keep in step with the trait).
+macro_rules! forward_storage {
+    ($ptr:ident) => {
+        impl<T: Storage + ?Sized> Storage for $ptr<T> {
+            fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+                (**self).read_at(buf, offset)
+            }
+            fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+                (**self).write_at(buf, offset)
+            }
+            fn len(&self) -> Result<u64> {
+                (**self).len()
+            }
+            fn set_len(&self, len: u64) -> Result<()> {
+                (**self).set_len(len)
+            }
+            fn flush(&self) -> Result<()> {
+                (**self).flush()
+            }
+            fn is_writable(&self) -> bool {
+                (**self).is_writable()
+            }
+            fn path(&self) -> Option<&Path> {
+                (**self).path()
+            }
+            fn read_at_most(&self, buf: &mut [u8], offset: u64) -> Result<usize> {
+                (**self).read_at_most(buf, offset)
+            }
+            fn region_at(&self, offset: u64) -> Result<StorageRegion> {
+                (**self).region_at(offset)
+            }
+            fn punch_hole(&self, offset: u64, len: u64) -> Result<bool> {
+                (**self).punch_hole(offset, len)
+            }
+        }
+    };
 }
 
-impl<T: Storage + ?Sized> Storage for std::sync::Arc<T> {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        (**self).read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        (**self).write_at(buf, offset)
-    }
-    fn len(&self) -> Result<u64> {
-        (**self).len()
-    }
-    fn set_len(&self, len: u64) -> Result<()> {
-        (**self).set_len(len)
-    }
-    fn flush(&self) -> Result<()> {
-        (**self).flush()
-    }
-    fn is_writable(&self) -> bool {
-        (**self).is_writable()
-    }
-    fn path(&self) -> Option<&Path> {
-        (**self).path()
-    }
-    fn read_at_most(&self, buf: &mut [u8], offset: u64) -> Result<usize> {
-        (**self).read_at_most(buf, offset)
-    }
-    fn region_at(&self, offset: u64) -> Result<StorageRegion> {
-        (**self).region_at(offset)
-    }
-    fn punch_hole(&self, offset: u64, len: u64) -> Result<bool> {
-        (**self).punch_hole(offset, len)
-    }
-}
+forward_storage!(Box);
+forward_storage!(Arc);
 
 /// A regular file (or block device) opened read-only or read-write.
 ///
