@@ -7,7 +7,12 @@ alternating, and prints the median wall time, the peak memory (max RSS of the pr
 ratio vdconv/qemu-img for each, and the median CPU time (user + system) of each: on a shared
 machine wall times are noisy, CPU times much less.
 
-    bench/bench.py [--size-gib 4] [--runs 3] [--dir DIR] [--vdconv PATH] [--pairs raw:qcow2,...]
+    bench/bench.py [--size-gib 4] [--runs 4] [--dir DIR] [--vdconv PATH] [--pairs raw:qcow2,...]
+
+The order alternates run by run (qemu-img first, then vdconv first, ...): on a virtual machine
+whose free memory goes back to the host, the command that runs right after the outputs are
+deleted gets their warm pages and the other one pays for fresh ones, so a fixed order favours one
+tool. Use an even --runs so each tool goes first equally often.
 
 Both tools flush their output before returning: qemu-img with `-t writeback` would be the same
 durability; by default qemu-img runs with its own default cache mode (`unsafe`: no flush), which
@@ -31,10 +36,24 @@ QEMU_FMT = {"raw": "raw", "qcow2": "qcow2", "vhdx": "vhdx", "vhd": "vpc"}
 DEFAULT_PAIRS = "raw:qcow2,qcow2:vhdx,vhdx:qcow2,vhd:qcow2,qcow2:raw,qcow2:vhd,raw:qcow2c"
 
 
+def log_text(rng):
+    """A piece of compressible data: lines of a service log (deflate shrinks it about 4x)."""
+    lines = []
+    n = 0
+    while n < PIECE:
+        line = (f"2026-11-{rng.randrange(1, 29):02d}T{rng.randrange(24):02d}:{rng.randrange(60):02d}:"
+                f"{rng.randrange(60):02d} host{rng.randrange(8)} api[{rng.randrange(1000, 9999)}]: "
+                f"GET /v1/disks/{rng.randrange(10**6)} {rng.choice((200, 200, 200, 404, 500))} "
+                f"in {rng.randrange(1, 900)} ms\n").encode()
+        lines.append(line)
+        n += len(line)
+    return b"".join(lines)[:PIECE]
+
+
 def make_disk(path, size):
     """The test disk: pieces of random, compressible and zero-filled data, and holes."""
     rng = random.Random(20261126)
-    text = (b"vdconv benchmark: compressible guest data, repeated lines of a log file; " * 64)[:PIECE]
+    texts = [log_text(rng) for _ in range(64)]
     zeros = bytes(PIECE)
     with open(path, "wb") as f:
         f.truncate(size)
@@ -45,7 +64,7 @@ def make_disk(path, size):
                 f.write(os.urandom(PIECE))
             elif r < 0.35:
                 f.seek(off)
-                f.write(text)
+                f.write(rng.choice(texts))
             elif r < 0.50:
                 f.seek(off)
                 f.write(zeros)
@@ -67,7 +86,7 @@ def measure(cmd):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-gib", type=float, default=4)
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=4)
     ap.add_argument("--dir", default=None, help="work directory (default: a temporary one)")
     ap.add_argument("--vdconv", default=os.path.join(os.path.dirname(__file__), "..", "target", "release", "vdconv"))
     ap.add_argument("--pairs", default=DEFAULT_PAIRS)
@@ -85,7 +104,9 @@ def main():
     src = {"raw": os.path.join(work, "src.raw")}
     if not os.path.exists(src["raw"]) or os.path.getsize(src["raw"]) != size:
         print(f"making a {size >> 20} MiB test disk in {work} ...", flush=True)
-        make_disk(src["raw"], size)
+        # In a child process: its memory would otherwise count in the peak RSS of every
+        # command measured after it (a child's max RSS starts from its parent's at fork).
+        subprocess.run([sys.executable, os.path.abspath(__file__), "--make-disk", src["raw"], str(size)], check=True)
     for fmt in ("qcow2", "vhdx", "vhd"):
         src[fmt] = os.path.join(work, f"src.{fmt}")
         if not os.path.exists(src[fmt]):
@@ -113,18 +134,20 @@ def main():
             qcmd.append("-c")
             vcmd.append("-c")
         qt, vt, qm, vm, qc, vc = [], [], [], [], [], []
-        for _ in range(args.runs):
+        for run in range(args.runs):
             for path in (out_q, out_v):
                 if os.path.exists(path):
                     os.remove(path)
-            t, m, c = measure(qcmd + [src[a], out_q])
-            qt.append(t)
-            qm.append(m)
-            qc.append(c)
-            t, m, c = measure(vcmd + [src[a], out_v])
-            vt.append(t)
-            vm.append(m)
-            vc.append(c)
+            order = [(qcmd + [src[a], out_q], qt, qm, qc), (vcmd + [src[a], out_v], vt, vm, vc)]
+            if run % 2:
+                order.reverse()
+            for cmd, times, mems, cpus in order:
+                # Each command starts with no dirty pages of the previous one still to write.
+                os.sync()
+                t, m, c = measure(cmd)
+                times.append(t)
+                mems.append(m)
+                cpus.append(c)
         check = subprocess.run(["qemu-img", "compare", "-f", QEMU_FMT[b_fmt], "-F", QEMU_FMT[b_fmt], out_q, out_v], capture_output=True, text=True)
         same = "same" if check.returncode == 0 else "DIFFERENT"
         q, v = statistics.median(qt), statistics.median(vt)
@@ -142,4 +165,7 @@ def main():
 
 
 if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--make-disk":
+        make_disk(sys.argv[2], int(sys.argv[3]))
+        sys.exit(0)
     sys.exit(main())
