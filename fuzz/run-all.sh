@@ -23,8 +23,12 @@ for t in "${targets[@]}"; do
   [ -d "seeds/$t" ] && seeds=("seeds/$t")
   mkdir -p "corpus/$t"
   echo "== $t ($secs s)"
-  nice -n 10 cargo +nightly fuzz run "$t" "corpus/$t" "${seeds[@]}" -- "${common[@]}" "${extra[@]}" \
+  # CPU seconds (user + system) of the whole run go to the end of the log: the done-when
+  # counts CPU time, which is less than the wall time on a busy machine.
+  /usr/bin/time -a -o "logs/$t.log" -f "cpu seconds: %U user + %S system" \
+    nice -n 10 cargo +nightly fuzz run "$t" "corpus/$t" "${seeds[@]}" -- "${common[@]}" "${extra[@]}" \
     > "logs/$t.log" 2>&1
   echo "exit $? ; $(grep -E '^#[0-9]+' "logs/$t.log" | tail -1)"
+  grep -E '^cpu seconds' "logs/$t.log"
   grep -E 'stat::number_of_executed_units|stat::peak_rss_mb|SUMMARY|ERROR' "logs/$t.log" | head -5
 done
