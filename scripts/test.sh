@@ -5,3 +5,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo test --workspace --locked "$@"
+# The fuzz harness's own unit tests (its workspace is separate; stable Rust builds its library).
+(cd fuzz && cargo test --lib --locked)

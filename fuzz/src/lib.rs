@@ -235,9 +235,13 @@ impl SparseImage {
                 continue;
             }
             let off = idx * PAGE;
-            let Ok(_) = u32::try_from(off + PAGE) else {
+            // Records address 32 bits; pages past that cannot be encoded (nor come from input).
+            if off
+                .checked_add(PAGE)
+                .is_none_or(|end| end > u64::from(u32::MAX))
+            {
                 break;
-            };
+            }
             match &mut run {
                 Some((start, bytes))
                     if *start + bytes.len() as u64 == off && bytes.len() < 61440 =>
@@ -267,7 +271,9 @@ impl SparseImage {
     pub fn put(&mut self, off: u64, data: &[u8]) {
         let mut done = 0usize;
         while done < data.len() {
-            let at = off + done as u64;
+            let Some(at) = off.checked_add(done as u64) else {
+                return;
+            };
             let idx = at / PAGE;
             let in_page = (at % PAGE) as usize;
             let n = (PAGE as usize - in_page).min(data.len() - done);
@@ -438,19 +444,21 @@ pub fn resign_log_sparse(img: &mut SparseImage) {
     };
     let mut p = log_off;
     let mut n = 0;
-    while p + 64 <= log_end && n < 256 {
+    // Checked: a mutated header can put the log anywhere, up to the end of the u64 range.
+    let fits = |p: u64, len: u64| p.checked_add(len).is_some_and(|end| end <= log_end);
+    while fits(p, 64) && n < 256 {
         let mut eh = [0u8; 12];
         img.get(p, &mut eh);
         if &eh[..4] == b"loge" {
             let len = u64::from(le32(&eh, 8));
-            if len >= 4096 && len % 4096 == 0 && p + len <= log_end && len <= (4 << 20) {
+            if len >= 4096 && len % 4096 == 0 && fits(p, len) && len <= (4 << 20) {
                 resign_sparse(img, p, len as usize);
                 p += len;
                 n += 1;
                 continue;
             }
         }
-        p += 4096;
+        p = p.saturating_add(4096);
         n += 1;
     }
 }
@@ -850,4 +858,37 @@ pub fn run_roundtrip(rt: &RoundTrip) {
     model.resize(dev.size() as usize, 0);
     verify_against(dev.as_ref(), &model);
     check_clean(dev.as_ref());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by open_vhdx (2026-11-26): a mutated header put the log 10 bytes below 2^64 and
+    /// the custom mutator's own walk overflowed. Run with `cargo test --lib` in fuzz/.
+    #[test]
+    fn resign_log_near_the_end_of_the_offset_range() {
+        let mut img = SparseImage {
+            len: 4 << 20,
+            ..SparseImage::default()
+        };
+        let mut h = [0u8; 80];
+        h[..4].copy_from_slice(b"head");
+        h[8..16].copy_from_slice(&1u64.to_le_bytes());
+        let cases = [
+            (u64::MAX - 10, 5u32),
+            (u64::MAX - 70, 70),
+            (u64::MAX - 4096 - 63, 4159),
+        ];
+        for (log_off, log_len) in cases {
+            h[68..72].copy_from_slice(&log_len.to_le_bytes());
+            h[72..80].copy_from_slice(&log_off.to_le_bytes());
+            img.put(KIB64 as u64, &h);
+            resign_log_sparse(&mut img);
+        }
+        // A page at the very end of the range (put there by a re-signing) is not encodable.
+        img.put(u64::MAX - 100, b"loge");
+        let enc = img.encode();
+        assert_eq!(SparseImage::decode(&enc).len, 4 << 20);
+    }
 }

@@ -7,6 +7,7 @@
 //! * [`require_tool`] fails the test with an install hint when an oracle (qemu-img, vhdiinfo)
 //!   is missing.
 //! * [`sha256_device`] hashes the whole guest content of a device.
+//! * [`DirGate`] opens parents beside the referrer, for the format crates' tests.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -20,6 +21,9 @@ use std::process::{Command, Stdio};
 
 use blockdev::BlockDevice;
 use sha2::{Digest, Sha256};
+
+mod gate;
+pub use gate::{DirGate, ParentFormat};
 
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {

@@ -214,6 +214,7 @@ fn fat_differential_without_parent() {
     let gate = DirGate {
         skip: true,
         ignore_id: false,
+        ..DirGate::new()
     };
     let st = FileStorage::open(&f.path, false).unwrap();
     let img = VhdImage::open(Box::new(st), &params(&gate, false, None)).unwrap();

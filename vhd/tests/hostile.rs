@@ -376,6 +376,7 @@ fn v18_hostile_parent_locators() {
     let gate = common::DirGate {
         skip: true,
         ignore_id: false,
+        ..common::DirGate::new()
     };
     let img = VhdImage::open(
         Box::new(MemStorage::from_vec(v)),

@@ -287,6 +287,7 @@ fn differencing_create_convert_and_read_through_parent() {
     let gate = DirGate {
         skip: false,
         ignore_id: true,
+        ..DirGate::new()
     };
     let st = FileStorage::open(&other.join("empty.vhd"), false).unwrap();
     assert!(vhd::VhdImage::open(Box::new(st), &common::params(&gate, false, None)).is_ok());

@@ -83,6 +83,7 @@ fn random_metadata_corruption_never_panics() {
         let gate = common::DirGate {
             skip: true,
             ignore_id: false,
+            ..common::DirGate::new()
         };
         let Ok(img) = VhdImage::open(
             Box::new(MemStorage::from_vec(v)),

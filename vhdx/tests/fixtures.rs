@@ -223,6 +223,7 @@ fn hyperv_checkpoint_without_parent() {
     let gate = DirGate {
         skip: true,
         ignore_id: false,
+        ..DirGate::new()
     };
     let img = open_with(
         Box::new(blockdev::FileStorage::open(&path, false).unwrap()),

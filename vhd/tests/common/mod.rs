@@ -1,76 +1,36 @@
 //! Shared helpers of the vhd integration tests.
 #![allow(dead_code)]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use blockdev::{
-    file_name_of, BackingRequest, BlockDevice, Candidate, DenyGate, Error, ErrorKind, FileStorage,
-    Limits, MemStorage, OpenGate, Result, Storage,
+    BackingRequest, BlockDevice, DenyGate, Error, ErrorKind, FileStorage, Limits, MemStorage,
+    OpenGate, Result, Storage,
 };
+use testsupport::ParentFormat;
 use vhd::{OpenParams, SizeRule, VhdImage};
 
-/// Opens parents found next to the referrer (by relative path or file name), read-only.
-pub struct DirGate {
-    pub skip: bool,
-    pub ignore_id: bool,
-}
+/// Parents beside the referrer, opened as VHDs.
+pub struct Vhd;
 
-impl DirGate {
-    pub fn new() -> Self {
-        DirGate {
-            skip: false,
-            ignore_id: false,
-        }
+impl ParentFormat for Vhd {
+    fn open_parent(
+        storage: Box<dyn Storage>,
+        gate: &dyn OpenGate,
+        depth: u32,
+    ) -> Result<Box<dyn BlockDevice>> {
+        let params = OpenParams {
+            gate,
+            writable: false,
+            limits: Limits::default(),
+            depth,
+            size_rule: None,
+        };
+        Ok(Box::new(VhdImage::open(storage, &params)?))
     }
 }
 
-impl OpenGate for DirGate {
-    fn open_backing(&self, req: &BackingRequest<'_>) -> Result<Box<dyn BlockDevice>> {
-        let dir = req
-            .referrer
-            .and_then(Path::parent)
-            .map(Path::to_path_buf)
-            .unwrap_or_default();
-        let mut tried = Vec::new();
-        for c in &req.candidates {
-            let p: PathBuf = match c {
-                Candidate::Relative(s) => dir.join(s),
-                Candidate::ForeignAbsolute(s) | Candidate::Path(s) => match file_name_of(s) {
-                    Some(n) => dir.join(n),
-                    None => continue,
-                },
-            };
-            if p.is_file() {
-                let st = FileStorage::open(&p, false)?;
-                let params = OpenParams {
-                    gate: self,
-                    writable: false,
-                    limits: Limits::default(),
-                    depth: req.depth,
-                    size_rule: None,
-                };
-                return Ok(Box::new(VhdImage::open(Box::new(st), &params)?));
-            }
-            tried.push(p.display().to_string());
-        }
-        Err(Error::new(
-            ErrorKind::BackingNotFound,
-            format!("parent not found; tried {tried:?}"),
-        ))
-    }
-
-    fn open_data_file(&self, _req: &BackingRequest<'_>, _w: bool) -> Result<Box<dyn Storage>> {
-        Err(Error::new(ErrorKind::BackingDenied, "no data files"))
-    }
-
-    fn ignore_parent_id(&self) -> bool {
-        self.ignore_id
-    }
-
-    fn skip_backing(&self) -> bool {
-        self.skip
-    }
-}
+pub type DirGate = testsupport::DirGate<Vhd>;
 
 pub fn open_path(path: &Path, writable: bool) -> Result<VhdImage> {
     let gate = DirGate::new();

@@ -4,66 +4,25 @@
 use std::path::{Path, PathBuf};
 
 use blockdev::{
-    file_name_of, resolve_relative, BackingRequest, BlockDevice, Candidate, Error, ErrorKind,
-    FileStorage, Limits, OpenGate, Result, Storage,
+    BackingRequest, BlockDevice, Error, FileStorage, Limits, OpenGate, Result, Storage,
 };
+use testsupport::ParentFormat;
 use vhdx::{OpenOptions, VhdxImage};
 
-/// A gate like the CLI's: relative paths and foreign absolute names in the referrer's directory.
-pub struct DirGate {
-    pub skip: bool,
-    pub ignore_id: bool,
-}
+/// Parents beside the referrer, opened as VHDXs.
+pub struct Vhdx;
 
-impl DirGate {
-    pub fn new() -> Self {
-        DirGate {
-            skip: false,
-            ignore_id: false,
-        }
+impl ParentFormat for Vhdx {
+    fn open_parent(
+        storage: Box<dyn Storage>,
+        gate: &dyn OpenGate,
+        depth: u32,
+    ) -> Result<Box<dyn BlockDevice>> {
+        Ok(Box::new(open_with(storage, false, gate, depth)?))
     }
 }
 
-impl OpenGate for DirGate {
-    fn open_backing(&self, req: &BackingRequest<'_>) -> Result<Box<dyn BlockDevice>> {
-        let dir = req
-            .referrer
-            .and_then(Path::parent)
-            .map(Path::to_path_buf)
-            .unwrap_or_default();
-        let mut tried = Vec::new();
-        for c in &req.candidates {
-            let p: Option<PathBuf> = match c {
-                Candidate::Relative(r) => resolve_relative(req.referrer, r),
-                Candidate::ForeignAbsolute(a) => file_name_of(a).map(|n| dir.join(n)),
-                Candidate::Path(p) => Some(PathBuf::from(p)),
-            };
-            let Some(p) = p else { continue };
-            tried.push(p.display().to_string());
-            if p.is_file() {
-                let s = FileStorage::open(&p, false)?;
-                let img = open_with(Box::new(s), false, self, req.depth)?;
-                return Ok(Box::new(img));
-            }
-        }
-        Err(Error::new(
-            ErrorKind::BackingNotFound,
-            format!("parent not found; tried: {}", tried.join(", ")),
-        ))
-    }
-
-    fn open_data_file(&self, _req: &BackingRequest<'_>, _w: bool) -> Result<Box<dyn Storage>> {
-        Err(Error::unsupported("no data files"))
-    }
-
-    fn ignore_parent_id(&self) -> bool {
-        self.ignore_id
-    }
-
-    fn skip_backing(&self) -> bool {
-        self.skip
-    }
-}
+pub type DirGate = testsupport::DirGate<Vhdx>;
 
 pub fn open_with(
     storage: Box<dyn Storage>,
