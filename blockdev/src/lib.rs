@@ -46,6 +46,6 @@ pub use gate::{
 };
 pub use limits::{add, align_up, div_ceil, mul, to_usize, try_alloc, Limits};
 pub use raw::{RawImage, RawWriter};
-pub use storage::{FileStorage, MemStorage, Storage, StorageRegion};
+pub use storage::{extent_at_host, FileStorage, MemStorage, Storage, StorageRegion};
 pub use uuid::{format_uuid, parse_uuid, random_bytes, random_uuid};
 pub use zero::{is_zero, zero_runs};

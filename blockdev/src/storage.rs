@@ -6,6 +6,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Mutex, RwLock};
 
+use crate::device::{Extent, ExtentKind};
 use crate::error::{Error, ErrorKind, Result};
 
 /// What [`Storage::region_at`] found at an offset of the file.
@@ -15,6 +16,21 @@ pub enum StorageRegion {
     Data(u64),
     /// `len` bytes of hole (reads as zeros) start here.
     Hole(u64),
+}
+
+/// The extent of `len` allocated guest bytes at `offset` that the image stores at file offset
+/// `host`: a hole of the file there reads as zeros and is reported `Zero` (no host offset), so
+/// copies skip it without reading; writers (qemu's and ours) leave the zero runs of a block
+/// unwritten. Shortened to the file region at `host`; all `len` as data when the file cannot
+/// tell.
+pub fn extent_at_host(storage: &dyn Storage, offset: u64, len: u64, host: u64) -> Result<Extent> {
+    Ok(match storage.region_at(host)? {
+        StorageRegion::Hole(n) if n > 0 => Extent::new(offset, n.min(len), ExtentKind::Zero),
+        StorageRegion::Data(n) if n > 0 => {
+            Extent::new(offset, n.min(len), ExtentKind::Data).at_host(host)
+        }
+        _ => Extent::new(offset, len, ExtentKind::Data).at_host(host),
+    })
 }
 
 /// Positional reads and writes on `&self`, so several threads may use one storage at once.
@@ -123,8 +139,8 @@ forward_storage!(Arc);
 /// they span (when each write started past the end of the one before, as with the sequential
 /// writers of `convert`) is handed to the kernel's writeback (`POSIX_FADV_DONTNEED`, which starts writing
 /// dirty pages without waiting for them and drops pages already clean). The disk then works
-/// while the conversion goes on, the final flush waits only for the last stretch, and a large
-/// copy does not fill the page cache.
+/// while the conversion goes on and the final flush waits only for the last stretch. Pages
+/// still dirty when advised stay cached until the kernel reclaims them.
 #[derive(Debug)]
 pub struct FileStorage {
     file: File,
@@ -180,13 +196,8 @@ impl WriteBehind {
                 let spawned = std::thread::Builder::new()
                     .name("write-behind".into())
                     .spawn(move || {
-                        for (start, len) in rx {
-                            let _ = rustix::fs::fadvise(
-                                &f,
-                                start,
-                                std::num::NonZeroU64::new(len),
-                                rustix::fs::Advice::DontNeed,
-                            );
+                        for range in rx {
+                            advise_written(&f, range);
                         }
                     });
                 if spawned.is_ok() {
@@ -199,14 +210,20 @@ impl WriteBehind {
             .as_ref()
             .is_some_and(|tx| tx.send(range).is_ok());
         if !sent {
-            let _ = rustix::fs::fadvise(
-                file,
-                range.0,
-                std::num::NonZeroU64::new(range.1),
-                rustix::fs::Advice::DontNeed,
-            );
+            advise_written(file, range);
         }
     }
+}
+
+/// `POSIX_FADV_DONTNEED` on `(start, len)` of `file`: starts writeback of its dirty pages
+/// without waiting and drops the pages already clean. A hint: its failure is ignored.
+fn advise_written(file: &File, (start, len): (u64, u64)) {
+    let _ = rustix::fs::fadvise(
+        file,
+        start,
+        std::num::NonZeroU64::new(len),
+        rustix::fs::Advice::DontNeed,
+    );
 }
 
 impl FileStorage {

@@ -128,7 +128,9 @@ impl Compressor {
         })
     }
 
-    /// Compresses one cluster; `None` when the result would not be smaller than the input.
+    /// Compresses one cluster; `None` when the result would not be smaller than the input, or
+    /// when [`Self::looks_incompressible`] judges so without compressing (a cluster that would
+    /// shrink by under about 3% may be stored uncompressed).
     pub fn compress(&mut self, data: &[u8]) -> Result<Option<Vec<u8>>> {
         let limit = data.len().saturating_sub(1);
         if self.kind == COMPRESSION_ZSTD {

@@ -152,7 +152,7 @@ impl<'a> Planner<'a> {
                 return Ok(ChainExtent {
                     offset: pos,
                     len: e.len - skip,
-                    host_offset: e.host_offset.map(|h| h + skip),
+                    host_offset: e.host_offset.and_then(|h| h.checked_add(skip)),
                     ..e
                 });
             }

@@ -121,6 +121,8 @@ fn fill(
         cfg.chunk = cfg.chunk.max(cfg.unit);
     }
     let backing: Option<&dyn BlockDevice> = opts.backing.as_ref().map(|p| p.device.as_ref());
+    // Over a backing image a zero item reads it: keep that on the reader threads.
+    cfg.zeros_on_planner = backing.is_none();
     let verify = opts.verify;
     let mut digest = SparseDigest::new(size);
     let mut report = ConvertReport {

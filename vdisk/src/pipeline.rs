@@ -5,9 +5,10 @@
 //! restores guest order and returns the buffer. Memory is bounded by the pool: `in_flight`
 //! buffers of `chunk` bytes, whatever the image size.
 //!
-//! Zero items need neither a read nor a buffer: the planner processes them itself and sends
-//! them straight to the consumer (sparse disks are half zero items; each skipped hand-off is a
-//! few futex calls and context switches).
+//! Zero items need neither a read nor a buffer: unless the caller's `process` is costly for
+//! them ([`PipelineConfig::zeros_on_planner`]), the planner processes them itself and sends them
+//! straight to the consumer (sparse disks are half zero items; each skipped hand-off is a few
+//! futex calls and context switches).
 //!
 //! Deadlock freedom: a reader takes a buffer *before* it takes an item, so every item handed out
 //! is owned by a reader that can finish it; the consumer therefore always receives the item it
@@ -44,6 +45,10 @@ pub struct PipelineConfig {
     pub unit: u64,
     /// Largest item.
     pub chunk: u64,
+    /// Zero items are processed on the planner thread, skipping the readers. Clear it when
+    /// `process` does real work for them (convert `-B` reads the backing image there), so that
+    /// work stays parallel and does not hold up planning.
+    pub zeros_on_planner: bool,
 }
 
 impl PipelineConfig {
@@ -59,12 +64,14 @@ impl PipelineConfig {
             in_flight: (cores * 3).clamp(6, 24),
             unit,
             chunk,
+            zeros_on_planner: true,
         }
     }
 }
 
 /// Runs the pipeline over `dev`. `process` runs on reader threads (after the read, for data
-/// items); `consume` runs on the calling thread, in guest order.
+/// items; zero items on the planner thread when `cfg.zeros_on_planner`); `consume` runs on the
+/// calling thread, in guest order.
 pub fn run<T, P, C>(
     dev: &dyn BlockDevice,
     cfg: &PipelineConfig,
@@ -98,6 +105,7 @@ where
         let stop_ref = &stop;
         let zero_tx = out_tx.clone();
         let process_ref = &process;
+        let zeros_on_planner = cfg.zeros_on_planner;
         s.spawn(move || {
             let mut planner = Planner::new(dev, unit, plan_chunk);
             let mut seq = 0u64;
@@ -109,7 +117,8 @@ where
                     Ok(None) => break,
                     Err(e) => Err(e),
                 };
-                if let Ok(item @ PlanItem::Zero { .. }) = msg {
+                if let (true, Ok(item @ PlanItem::Zero { .. })) = (zeros_on_planner, &msg) {
+                    let item = *item;
                     // Nothing to read and no buffer needed: straight to the consumer, which
                     // restores the order. Half the items of a sparse disk skip two hand-offs.
                     let res = process_ref(&item, &[]).map(|extra| Processed {

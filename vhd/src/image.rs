@@ -5,8 +5,9 @@ use std::collections::BTreeMap;
 use std::sync::{Mutex, RwLock};
 
 use blockdev::{
-    check_range, is_zero, try_alloc, BackingInfo, BackingRequest, BlockDevice, CheckReport, Error,
-    ErrorKind, Extent, ExtentKind, ImageInfo, Limits, OpenGate, Result, Storage, StorageRegion,
+    check_range, extent_at_host, is_zero, try_alloc, BackingInfo, BackingRequest, BlockDevice,
+    CheckReport, Error, ErrorKind, Extent, ExtentKind, ImageInfo, Limits, OpenGate, Result,
+    Storage,
 };
 use serde_json::{json, Value};
 
@@ -745,21 +746,6 @@ impl VhdImage {
         Ok(())
     }
 
-    /// The extent of `len` present bytes at guest `offset`, stored at `host`: a hole of the
-    /// file there reads as zeros (writers, qemu's and ours, leave zero runs of a block
-    /// unwritten), so it is reported as `Zero` and copies skip it without reading.
-    fn host_extent(&self, offset: u64, len: u64, host: u64) -> Result<Extent> {
-        match self.storage.region_at(host)? {
-            StorageRegion::Hole(n) if n > 0 => {
-                Ok(Extent::new(offset, n.min(len), ExtentKind::Zero))
-            }
-            StorageRegion::Data(n) if n > 0 => {
-                Ok(Extent::new(offset, n.min(len), ExtentKind::Data).at_host(host))
-            }
-            _ => Ok(Extent::new(offset, len, ExtentKind::Data).at_host(host)),
-        }
-    }
-
     fn status_dyn(&self, d: &Dyn, offset: u64, max_len: u64) -> Result<Extent> {
         let bs = d.block_size;
         let blk = offset / bs;
@@ -788,7 +774,7 @@ impl VhdImage {
             Some(at) => {
                 let host = at + d.bitmap_size + within;
                 if self.fi.kind == DiskType::Dynamic {
-                    return self.host_extent(offset, in_block, host);
+                    return extent_at_host(self.storage.as_ref(), offset, in_block, host);
                 }
                 let map = self.read_bitmap(d, at)?;
                 let sec = within / SECTOR;
@@ -799,7 +785,7 @@ impl VhdImage {
                 }
                 let len = end - within;
                 if bit {
-                    self.host_extent(offset, len, host)
+                    extent_at_host(self.storage.as_ref(), offset, len, host)
                 } else {
                     Ok(Extent::new(offset, len, ExtentKind::Unallocated))
                 }
@@ -895,15 +881,7 @@ impl BlockDevice for VhdImage {
             None => {
                 // Holes of the file read as zeros: report them so copies skip them.
                 let rest = self.size - offset;
-                match self.storage.region_at(offset)? {
-                    StorageRegion::Hole(n) if n > 0 => {
-                        Ok(Extent::new(offset, n.min(rest), ExtentKind::Zero))
-                    }
-                    StorageRegion::Data(n) if n > 0 => {
-                        Ok(Extent::new(offset, n.min(rest), ExtentKind::Data).at_host(offset))
-                    }
-                    _ => Ok(Extent::new(offset, rest, ExtentKind::Data).at_host(offset)),
-                }
+                extent_at_host(self.storage.as_ref(), offset, rest, offset)
             }
             Some(d) => self.status_dyn(d, offset, max_len),
         }

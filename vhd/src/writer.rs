@@ -91,22 +91,13 @@ impl VhdWriter {
         if self.cur.as_ref().map(|(b, _)| *b) != Some(blk) {
             self.emit()?;
             let len = self.layout.bitmap_size + self.layout.block_size;
-            let mut buf = match self.spare.take() {
+            let buf = match self.spare.take() {
                 Some(mut b) => {
                     b.fill(0);
                     b
                 }
                 None => try_alloc(len, &self.limits, "block buffer")?,
             };
-            if !self.has_parent {
-                // Without a parent every sector of an allocated block holds data (zeros
-                // where nothing was written).
-                if let Some(map) = buf.get_mut(..self.layout.bitmap_size as usize) {
-                    for s in 0..self.layout.block_size / SECTOR {
-                        set_bit_msb(map, s);
-                    }
-                }
-            }
             self.cur = Some((blk, buf));
         }
         match self.cur.as_mut() {
@@ -191,10 +182,11 @@ impl VhdWriter {
         Ok(())
     }
 
+    /// With a parent: writes `data` (or zeros) at guest `offset` into the block being
+    /// assembled, marking its sectors present in the block's bitmap.
     fn put(&mut self, offset: u64, data: Option<&[u8]>, len: u64) -> Result<()> {
         let bs = self.layout.block_size;
         let bm = self.layout.bitmap_size;
-        let has_parent = self.has_parent;
         let mut done = 0u64;
         while done < len {
             let off = offset + done;
@@ -211,11 +203,9 @@ impl VhdWriter {
                     dst.copy_from_slice(src);
                 }
             }
-            if has_parent {
-                if let Some(map) = buf.get_mut(..bm as usize) {
-                    for s in within / SECTOR..(within + n).div_ceil(SECTOR) {
-                        set_bit_msb(map, s);
-                    }
+            if let Some(map) = buf.get_mut(..bm as usize) {
+                for s in within / SECTOR..(within + n).div_ceil(SECTOR) {
+                    set_bit_msb(map, s);
                 }
             }
             done += n;

@@ -62,6 +62,11 @@ impl Geometry {
         bitmap_index(n / self.chunk_ratio, self.chunk_ratio) as usize
     }
 
+    /// The payload block whose entry is BAT index `i` (meaningless for a sector-bitmap index).
+    pub fn block_of_index(&self, i: u64) -> u64 {
+        i - i / (self.chunk_ratio + 1)
+    }
+
     /// Whether BAT index `i` is a sector-bitmap entry.
     pub fn is_bitmap_index(&self, i: u64) -> bool {
         i % (self.chunk_ratio + 1) == self.chunk_ratio

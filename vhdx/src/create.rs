@@ -273,7 +273,7 @@ pub fn fixed_entry(g: &bat::Geometry, data: u64, i: u64) -> u64 {
     if g.is_bitmap_index(i) {
         return 0;
     }
-    let blk = i - i / (g.chunk_ratio + 1);
+    let blk = g.block_of_index(i);
     if blk < g.blocks {
         bat::entry(PAYLOAD_FULLY_PRESENT, data + blk * g.block_size)
     } else {

@@ -641,7 +641,6 @@ impl VhdxImage {
         let mut pending: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
         let mut newbat: BTreeMap<usize, u64> = BTreeMap::new();
         let zeros;
-        // Only writers change the BAT and they hold `write_lock`, so short read locks suffice.
         // Only writers change the BAT and they hold `write_lock`.
         let entry = |newbat: &BTreeMap<usize, u64>, i: usize| -> Result<u64> {
             match newbat.get(&i) {
@@ -764,7 +763,7 @@ impl VhdxImage {
                 if bat::state(e) == SB_PRESENT {
                     sb += 1;
                 }
-            } else if (i as u64 - i as u64 / (g.chunk_ratio + 1)) < g.blocks {
+            } else if g.block_of_index(i as u64) < g.blocks {
                 if let Some(x) = c.get_mut(bat::state(e) as usize) {
                     *x += 1;
                 }
@@ -908,17 +907,8 @@ impl BlockDevice for VhdxImage {
             len += n;
         }
         let ext = match first {
-            // A hole of the file inside a present block reads as zeros (qemu and our writer
-            // leave the zero runs of a block unwritten): report it so copies skip the read.
-            Class::Data(h) => match self.storage.region_at(h)? {
-                blockdev::StorageRegion::Hole(n) if n > 0 => {
-                    Extent::new(offset, n.min(len), ExtentKind::Zero)
-                }
-                blockdev::StorageRegion::Data(n) if n > 0 => {
-                    Extent::new(offset, n.min(len), ExtentKind::Data).at_host(h)
-                }
-                _ => Extent::new(offset, len, ExtentKind::Data).at_host(h),
-            },
+            // A hole of the file inside a present block reads as zeros: copies skip it.
+            Class::Data(h) => blockdev::extent_at_host(self.storage.as_ref(), offset, len, h)?,
             Class::Zero => Extent::new(offset, len, ExtentKind::Zero),
             Class::Parent => Extent::new(offset, len, ExtentKind::Unallocated),
         };

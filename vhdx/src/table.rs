@@ -78,7 +78,8 @@ impl Paged {
         let e = data.get(idx).copied().unwrap_or(0);
         let mut c = self.cache.lock().map_err(|_| lock_err())?;
         if c.generation == generation {
-            if c.pages.len() >= self.max_pages {
+            // Another reader may have loaded this page meanwhile: replacing it evicts nothing.
+            if c.pages.len() >= self.max_pages && !c.pages.contains_key(&page) {
                 if let Some(old) = c.pages.iter().min_by_key(|(_, (_, u))| *u).map(|(k, _)| *k) {
                     c.pages.remove(&old);
                 }

@@ -186,7 +186,7 @@ impl ImageWriter for VhdxWriter {
                 .map(|(i, e)| (*i, *e))
                 .collect();
             for (i, e) in partial {
-                let blk = i as u64 - i as u64 / (g.chunk_ratio + 1);
+                let blk = g.block_of_index(i as u64);
                 let first = blk * spb;
                 let chunk = first / SECTORS_PER_CHUNK;
                 let lo = ((first % SECTORS_PER_CHUNK) / 8) as usize;
