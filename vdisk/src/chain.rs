@@ -238,14 +238,16 @@ impl<'a> Planner<'a> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use blockdev::{MemStorage, RawImage, Storage};
 
     /// A raw image whose holes are given explicitly (memory storage has none).
-    struct Holey {
-        raw: RawImage<MemStorage>,
-        data: Vec<(u64, u64)>,
+    pub(crate) struct Holey {
+        pub(crate) raw: RawImage<MemStorage>,
+        pub(crate) data: Vec<(u64, u64)>,
+        /// Reads that touch this offset fail.
+        pub(crate) bad: Option<u64>,
     }
 
     impl BlockDevice for Holey {
@@ -253,6 +255,11 @@ mod tests {
             self.raw.size()
         }
         fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+            if let Some(b) = self.bad {
+                if (offset..offset + buf.len() as u64).contains(&b) {
+                    return Err(blockdev::Error::new(blockdev::ErrorKind::Io, "bad sector"));
+                }
+            }
             self.raw.read_at(buf, offset)
         }
         fn flush(&self) -> Result<()> {
@@ -295,6 +302,7 @@ mod tests {
         let dev = Holey {
             raw: RawImage::open(m).unwrap(),
             data,
+            bad: None,
         };
         let mut p = Planner::new(&dev, unit, chunk);
         let mut out = Vec::new();

@@ -121,8 +121,6 @@ fn fill(
         cfg.chunk = cfg.chunk.max(cfg.unit);
     }
     let backing: Option<&dyn BlockDevice> = opts.backing.as_ref().map(|p| p.device.as_ref());
-    // Over a backing image a zero item reads it: keep that on the reader threads.
-    cfg.zeros_on_planner = backing.is_none();
     let verify = opts.verify;
     let mut digest = SparseDigest::new(size);
     let mut report = ConvertReport {
@@ -163,7 +161,7 @@ fn fill(
             PlanItem::Data { offset, len } => {
                 report.bytes_read += len;
                 for op in &p.extra.ops {
-                    apply(writer, op, offset, &p.buf, &mut report)?;
+                    apply(writer, op, offset, p.buf, &mut report)?;
                 }
                 if verify {
                     for h in &p.extra.hashes {
@@ -174,7 +172,7 @@ fn fill(
             }
             PlanItem::Zero { offset, len } => {
                 for op in &p.extra.ops {
-                    apply(writer, op, offset, &p.buf, &mut report)?;
+                    apply(writer, op, offset, p.buf, &mut report)?;
                 }
                 if verify {
                     digest

@@ -151,11 +151,17 @@ pub struct Validator<'a> {
 
 impl<'a> Validator<'a> {
     /// A validator for a file of `file_len` bytes whose fixed structures are `fixed`.
-    pub fn new(g: &Geometry, bat_off: u64, file_len: u64, fixed: &'a [Span]) -> Result<Self> {
+    pub fn new(
+        g: &Geometry,
+        bat_off: u64,
+        file_len: u64,
+        fixed: &'a [Span],
+        limits: &Limits,
+    ) -> Result<Self> {
         // Overlaps are found with one bit per MiB of the file (every structure is 1 MiB
         // aligned): a 64 TiB file needs 8 MiB of bits, whatever the number of blocks.
         let units = file_len.div_ceil(MIB);
-        let used = blockdev::try_alloc(units.div_ceil(8), &Limits::default(), "bat")?;
+        let used = blockdev::try_alloc(units.div_ceil(8), limits, "bat")?;
         let mut v = Validator {
             g: *g,
             bat_off,
@@ -194,7 +200,8 @@ impl<'a> Validator<'a> {
         }
     }
 
-    fn entry(&mut self, i: usize, e: u64) {
+    /// Checks entry `i` (entries come in order).
+    pub fn entry(&mut self, i: usize, e: u64) {
         let g = self.g;
         let idx = i as u64;
         let eoff = self.bat_off + idx * 8;
@@ -308,34 +315,24 @@ impl<'a> Validator<'a> {
                 "PARTIALLY_PRESENT block without a sector-bitmap entry".into(),
             ));
         }
-        // Name what each clashing entry overlaps (a linear search per clash, so their number
-        // is capped: a hostile BAT can make every entry clash).
-        for (i, off, end) in std::mem::take(&mut self.clashes) {
-            let other = self
-                .fixed
-                .iter()
-                .find(|f| f.start < end && off < f.end)
-                .map(|f| format!("the {} [{:#x}, {:#x})", f.what, f.start, f.end))
-                .or_else(|| {
-                    all?.iter().enumerate().find_map(|(j, &x)| {
-                        let sb = g.is_bitmap_index(j as u64);
-                        let len = if sb {
-                            SECTOR_BITMAP_BLOCK
-                        } else {
-                            g.block_size
-                        };
-                        let o = offset(x);
-                        let present = matches!(
-                            (sb, state(x)),
-                            (true, SB_PRESENT)
-                                | (false, PAYLOAD_FULLY_PRESENT | PAYLOAD_PARTIALLY_PRESENT)
-                        );
-                        (j != i && present && o < end && off < o.saturating_add(len)).then(|| {
-                            format!("bat_entry[{j}] [{o:#x}, {:#x})", o.saturating_add(len))
-                        })
-                    })
-                })
-                .unwrap_or_else(|| "another BAT entry".to_string());
+        // Name what each clashing entry overlaps: a structure, else the first other entry of
+        // the table (one pass over it for all clashes, which are capped: a hostile BAT can make
+        // every entry clash).
+        let clashes = std::mem::take(&mut self.clashes);
+        let mut names: Vec<Option<String>> = clashes
+            .iter()
+            .map(|&(_, off, end)| {
+                self.fixed
+                    .iter()
+                    .find(|f| f.start < end && off < f.end)
+                    .map(|f| format!("the {} [{:#x}, {:#x})", f.what, f.start, f.end))
+            })
+            .collect();
+        if let Some(all) = all {
+            name_clashing_entries(&g, all, &clashes, &mut names);
+        }
+        for (&(i, off, end), other) in clashes.iter().zip(names) {
+            let other = other.unwrap_or_else(|| "another BAT entry".to_string());
             self.problems.push((
                 format!("bat_entry[{i}]"),
                 self.bat_off + i as u64 * 8,
@@ -353,6 +350,58 @@ impl<'a> Validator<'a> {
     }
 }
 
+/// For each clash `(i, off, end)` not yet named, names the first entry `j != i` of `all` whose
+/// block overlaps `[off, end)`. One pass over the table; each entry looks only at the clashes
+/// that start within a block's length before its own end (found by binary search).
+fn name_clashing_entries(
+    g: &Geometry,
+    all: &[u64],
+    clashes: &[(usize, u64, u64)],
+    names: &mut [Option<String>],
+) {
+    let mut order: Vec<usize> = (0..clashes.len())
+        .filter(|&k| names.get(k).is_some_and(|n| n.is_none()))
+        .collect();
+    order.sort_by_key(|&k| clashes.get(k).map_or(0, |c| c.1));
+    let starts: Vec<u64> = order
+        .iter()
+        .map(|&k| clashes.get(k).map_or(0, |c| c.1))
+        .collect();
+    let longest = g.block_size.max(SECTOR_BITMAP_BLOCK);
+    let mut left = order.len();
+    for (j, &x) in all.iter().enumerate() {
+        if left == 0 {
+            break;
+        }
+        let sb = g.is_bitmap_index(j as u64);
+        let present = matches!(
+            (sb, state(x)),
+            (true, SB_PRESENT) | (false, PAYLOAD_FULLY_PRESENT | PAYLOAD_PARTIALLY_PRESENT)
+        );
+        if !present {
+            continue;
+        }
+        let o = offset(x);
+        let e = o.saturating_add(if sb {
+            SECTOR_BITMAP_BLOCK
+        } else {
+            g.block_size
+        });
+        // Clashes overlapping [o, e) start before e and after o - longest.
+        let lo = starts.partition_point(|&st| st.saturating_add(longest) <= o);
+        let hi = starts.partition_point(|&st| st < e);
+        for &k in order.get(lo..hi).unwrap_or_default() {
+            let (Some(&(i, off, end)), Some(name)) = (clashes.get(k), names.get_mut(k)) else {
+                continue;
+            };
+            if name.is_none() && j != i && o < end && off < e {
+                *name = Some(format!("bat_entry[{j}] [{o:#x}, {e:#x})"));
+                left -= 1;
+            }
+        }
+    }
+}
+
 /// Validates a whole in-memory table.
 pub fn validate(
     bat: &[u64],
@@ -360,8 +409,9 @@ pub fn validate(
     bat_off: u64,
     file_len: u64,
     fixed_spans: &[Span],
+    limits: &Limits,
 ) -> Vec<Problem> {
-    match Validator::new(g, bat_off, file_len, fixed_spans) {
+    match Validator::new(g, bat_off, file_len, fixed_spans, limits) {
         Ok(mut v) => {
             v.feed(0, bat);
             v.finish(Some(bat))
@@ -379,13 +429,84 @@ pub fn validate_paged(
     fixed_spans: &[Span],
     limits: &Limits,
 ) -> Result<Vec<Problem>> {
-    let mut v = Validator::new(g, bat_off, file_len, fixed_spans)?;
-    let mut first = 0u64;
-    while first < g.entries {
-        let n = (g.entries - first).min(PAGE_ENTRIES * 32);
-        let page = read_entries(storage, bat_off, first, n, limits)?;
-        v.feed(first as usize, &page);
-        first += n;
-    }
+    let mut v = Validator::new(g, bat_off, file_len, fixed_spans, limits)?;
+    crate::table::for_each_on_disk(storage, bat_off, g.entries, limits, |i, e| v.entry(i, e))?;
     Ok(v.finish(None))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FULL: u8 = PAYLOAD_FULLY_PRESENT;
+
+    fn problems(g: &Geometry, bat: &[u64], file_len: u64) -> Vec<Problem> {
+        let fixed = [Span {
+            start: 0,
+            end: HEADER_SECTION,
+            what: "header section".into(),
+        }];
+        validate(bat, g, 1 << 20, file_len, &fixed, &Limits::default())
+    }
+
+    #[test]
+    fn a_clash_names_the_first_other_entry() {
+        let g = Geometry::new(64 << 20, 2 << 20, 512, false);
+        let mut bat = vec![0u64; g.entries as usize];
+        bat[0] = entry(FULL, 8 << 20);
+        bat[3] = entry(FULL, 16 << 20);
+        // Starts inside entry 0's block and reaches into entry 3's.
+        bat[5] = entry(FULL, 9 << 20);
+        // The same block as entry 3.
+        bat[7] = entry(FULL, 16 << 20);
+        let p = problems(&g, &bat, 64 << 20);
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert_eq!(p[0].0, "bat_entry[5]");
+        assert!(
+            p[0].2
+                .ends_with("overlaps bat_entry[0] [0x800000, 0xa00000)"),
+            "{p:?}"
+        );
+        assert_eq!(p[1].0, "bat_entry[7]");
+        assert!(
+            p[1].2
+                .ends_with("overlaps bat_entry[3] [0x1000000, 0x1200000)"),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn many_clashes_are_named_up_to_the_cap() {
+        let g = Geometry::new(4 << 30, 1 << 20, 512, false);
+        // Every block at the same offset: all but the first clash.
+        let bat: Vec<u64> = (0..g.entries)
+            .map(|i| {
+                if g.is_bitmap_index(i) {
+                    0
+                } else {
+                    entry(FULL, 8 << 20)
+                }
+            })
+            .collect();
+        let p = problems(&g, &bat, 64 << 20);
+        assert_eq!(p.len(), MAX_NAMED_CLASHES + 1);
+        assert!(p[..MAX_NAMED_CLASHES]
+            .iter()
+            .all(|x| x.2.ends_with("overlaps bat_entry[0] [0x800000, 0x900000)")));
+        let more = g.blocks - 1 - MAX_NAMED_CLASHES as u64;
+        assert_eq!(
+            p[MAX_NAMED_CLASHES].2,
+            format!("{more} more BAT entries overlap other structures")
+        );
+    }
+
+    #[test]
+    fn a_clash_with_a_structure_names_it() {
+        let g = Geometry::new(8 << 20, 1 << 20, 512, false);
+        let mut bat = vec![0u64; g.entries as usize];
+        bat[1] = entry(FULL, 1 << 20);
+        let p = problems(&g, &bat, 64 << 20);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].2.contains("lies in the header section"), "{p:?}");
+    }
 }

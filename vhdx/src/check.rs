@@ -124,39 +124,10 @@ pub fn check(img: &VhdxImage) -> CheckReport {
         );
     }
 
-    // BAT.
+    // BAT: one pass validates it and gathers the statistics (a paged table is read once).
     let spans = fixed_spans(regions, (cur.log_offset, u64::from(cur.log_length)));
-    let problems = if img.bat_is_paged() {
-        bat::validate_paged(
-            storage,
-            geom,
-            regions.bat.offset,
-            file_len,
-            &spans,
-            &blockdev::Limits::default(),
-        )
-    } else {
-        Ok(bat::validate(
-            &img.bat_entries(),
-            geom,
-            regions.bat.offset,
-            file_len,
-            &spans,
-        ))
-    };
-    match problems {
-        Ok(problems) => {
-            for (field, off, msg) in problems {
-                r.add(Severity::Corruption, &field, Some(off), msg);
-            }
-        }
-        Err(e) => r.add(
-            Severity::Corruption,
-            e.field().unwrap_or("bat"),
-            e.offset(),
-            e.message().to_string(),
-        ),
-    }
+    let mut validator =
+        bat::Validator::new(geom, regions.bat.offset, file_len, &spans, img.limits());
     let mut allocated = 0u64;
     let mut end = HEADER_SECTION;
     for s in &spans {
@@ -164,6 +135,9 @@ pub fn check(img: &VhdxImage) -> CheckReport {
     }
     let mut zero_with_offset: Vec<usize> = Vec::new();
     let walked = img.for_each_entry(|i, e| {
+        if let Ok(v) = validator.as_mut() {
+            v.entry(i, e);
+        }
         let st = bat::state(e);
         let is_sb = geom.is_bitmap_index(i as u64);
         let len = match (is_sb, st) {
@@ -182,13 +156,26 @@ pub fn check(img: &VhdxImage) -> CheckReport {
             end = end.max(bat::offset(e).saturating_add(len));
         }
     });
-    if let Err(e) = walked {
-        r.add(
+    match (walked, validator) {
+        (Err(e), _) => r.add(
             Severity::Corruption,
             "bat",
             Some(regions.bat.offset),
             format!("the BAT cannot be read: {e}"),
-        );
+        ),
+        (Ok(()), Ok(v)) => {
+            // An in-memory table names the entries that clashing ones overlap.
+            let all = (!img.bat_is_paged()).then(|| img.bat_entries());
+            for (field, off, msg) in v.finish(all.as_deref()) {
+                r.add(Severity::Corruption, &field, Some(off), msg);
+            }
+        }
+        (Ok(()), Err(e)) => r.add(
+            Severity::Corruption,
+            e.field().unwrap_or("bat"),
+            e.offset(),
+            e.message().to_string(),
+        ),
     }
     for i in zero_with_offset {
         r.add(

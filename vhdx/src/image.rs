@@ -165,7 +165,9 @@ impl VhdxImage {
         );
         bat::check_region(regions.bat.offset, regions.bat.length, &geom)?;
         let spans = fixed_spans(&regions, log_span);
-        let (bat, problems) = if geom.entries.saturating_mul(8) <= opts.limits.max_cache {
+        // In memory when the table fits both the cache budget and the allocation limit.
+        let whole = opts.limits.max_cache.min(opts.limits.max_alloc);
+        let (bat, problems) = if geom.entries.saturating_mul(8) <= whole {
             let all = bat::load(
                 &*storage,
                 regions.bat.offset,
@@ -173,7 +175,14 @@ impl VhdxImage {
                 &geom,
                 opts.limits,
             )?;
-            let problems = bat::validate(&all, &geom, regions.bat.offset, file_len, &spans);
+            let problems = bat::validate(
+                &all,
+                &geom,
+                regions.bat.offset,
+                file_len,
+                &spans,
+                opts.limits,
+            );
             (Table::full(all), problems)
         } else {
             let problems = bat::validate_paged(
@@ -340,6 +349,11 @@ impl VhdxImage {
     /// Calls `f(index, entry)` for every BAT entry.
     pub(crate) fn for_each_entry(&self, f: impl FnMut(usize, u64)) -> Result<()> {
         self.bat.for_each(&*self.storage, &self.limits, f)
+    }
+
+    /// The limits the image was opened with.
+    pub(crate) fn limits(&self) -> &Limits {
+        &self.limits
     }
 
     /// Whether the BAT is paged (too large for the cache limit).

@@ -9,6 +9,27 @@ use blockdev::{Error, ErrorKind, Limits, Result, Storage};
 
 use crate::bat::{read_entries, PAGE_ENTRIES};
 
+/// Calls `f(index, entry)` for the `entries` entries of a table at `region_off` in `storage`,
+/// in order, reading 32 pages at a time (the cache is left alone).
+pub fn for_each_on_disk(
+    storage: &dyn Storage,
+    region_off: u64,
+    entries: u64,
+    limits: &Limits,
+    mut f: impl FnMut(usize, u64),
+) -> Result<()> {
+    let mut first = 0u64;
+    while first < entries {
+        let n = (entries - first).min(PAGE_ENTRIES * 32);
+        let chunk = read_entries(storage, region_off, first, n, limits)?;
+        for (k, e) in chunk.iter().enumerate() {
+            f(first as usize + k, *e);
+        }
+        first += n;
+    }
+    Ok(())
+}
+
 fn lock_err() -> Error {
     Error::new(ErrorKind::Io, "vhdx BAT lock poisoned")
 }
@@ -158,17 +179,7 @@ impl Table {
                     f(i, *e);
                 }
             }
-            Table::Paged(p) => {
-                let mut first = 0u64;
-                while first < p.entries {
-                    let n = (p.entries - first).min(PAGE_ENTRIES * 32);
-                    let chunk = read_entries(storage, p.region_off, first, n, limits)?;
-                    for (k, e) in chunk.iter().enumerate() {
-                        f(first as usize + k, *e);
-                    }
-                    first += n;
-                }
-            }
+            Table::Paged(p) => for_each_on_disk(storage, p.region_off, p.entries, limits, f)?,
         }
         Ok(())
     }
