@@ -441,12 +441,19 @@ mod tests {
     const FULL: u8 = PAYLOAD_FULLY_PRESENT;
 
     fn problems(g: &Geometry, bat: &[u64], file_len: u64) -> Vec<Problem> {
-        let fixed = [Span {
-            start: 0,
-            end: HEADER_SECTION,
-            what: "header section".into(),
-        }];
-        validate(bat, g, 1 << 20, file_len, &fixed, &Limits::default())
+        let fixed = [
+            Span {
+                start: 0,
+                end: HEADER_SECTION,
+                what: "header section".into(),
+            },
+            Span {
+                start: 1 << 20,
+                end: 2 << 20,
+                what: "log".into(),
+            },
+        ];
+        validate(bat, g, 2 << 20, file_len, &fixed, &Limits::default())
     }
 
     #[test]
@@ -507,6 +514,10 @@ mod tests {
         bat[1] = entry(FULL, 1 << 20);
         let p = problems(&g, &bat, 64 << 20);
         assert_eq!(p.len(), 1, "{p:?}");
-        assert!(p[0].2.contains("lies in the header section"), "{p:?}");
+        assert_eq!(p[0].0, "bat_entry[1]");
+        assert!(
+            p[0].2.ends_with("overlaps the log [0x100000, 0x200000)"),
+            "{p:?}"
+        );
     }
 }
