@@ -14,18 +14,12 @@ whose free memory goes back to the host, the command that runs right after the o
 deleted gets their warm pages and the other one pays for fresh ones, so a fixed order favours one
 tool. Use an even --runs so each tool goes first equally often.
 
-Each run also measures the write floor: the time to put as many bytes as vdconv's output holds
-on the same disk from memory and flush them (the faster of O_DIRECT writes and buffered writes
-with write-behind), which a converter can hardly beat. `floor/qemu` is the best ratio any tool could reach for that pair on this machine: where
-it is above a target, the target cannot be met here.
-
 Both tools flush their output before returning: qemu-img with `-t writeback` would be the same
 durability; by default qemu-img runs with its own default cache mode (`unsafe`: no flush), which
 favours it. Use --qemu-cache to change that.
 """
 
 import argparse
-import mmap
 import os
 import random
 import shutil
@@ -89,32 +83,6 @@ def measure(cmd):
     return dt, usage.ru_maxrss / 1024.0, usage.ru_utime + usage.ru_stime
 
 
-def write_floor(path, nbytes, block=8 * MIB):
-    """Seconds to write nbytes to a new file at path and flush them, the faster of two ways:
-    O_DIRECT writes, and buffered writes handed to writeback every 32 MiB (as vdconv does)."""
-    buf = mmap.mmap(-1, block)  # page-aligned, as O_DIRECT needs
-    buf.write(os.urandom(block))
-    best = float("inf")
-    for direct in (True, False):
-        os.sync()
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | (os.O_DIRECT if direct else 0)
-        fd = os.open(path, flags, 0o644)
-        t0 = time.perf_counter()
-        try:
-            done = kicked = 0
-            while done < nbytes:
-                done += os.write(fd, buf)
-                if not direct and done - kicked >= 32 * MIB:
-                    os.posix_fadvise(fd, kicked, done - kicked, os.POSIX_FADV_DONTNEED)
-                    kicked = done
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-            os.remove(path)
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-gib", type=float, default=4)
@@ -148,7 +116,7 @@ def main():
     print(f"cores: {os.cpu_count()}, runs per tool: {args.runs}, qemu-img cache: {args.qemu_cache or 'default (unsafe: no flush)'}")
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}\n")
     header = (f"{'pair':<16}{'qemu-img s':>11}{'vdconv s':>10}{'ratio':>8}{'qemu MiB':>10}{'vdconv MiB':>11}"
-              f"{'qemu cpu':>10}{'vdconv cpu':>11}{'floor s':>9}{'floor/qemu':>11}")
+              f"{'qemu cpu':>10}{'vdconv cpu':>11}")
     print(header)
     print("-" * len(header))
     results = []
@@ -165,7 +133,7 @@ def main():
         if compress:
             qcmd.append("-c")
             vcmd.append("-c")
-        qt, vt, qm, vm, qc, vc, ft = [], [], [], [], [], [], []
+        qt, vt, qm, vm, qc, vc = [], [], [], [], [], []
         for run in range(args.runs):
             for path in (out_q, out_v):
                 if os.path.exists(path):
@@ -180,15 +148,13 @@ def main():
                 times.append(t)
                 mems.append(m)
                 cpus.append(c)
-            ft.append(write_floor(os.path.join(work, "floor.bin"), os.stat(out_v).st_blocks * 512))
         check = subprocess.run(["qemu-img", "compare", "-f", QEMU_FMT[b_fmt], "-F", QEMU_FMT[b_fmt], out_q, out_v], capture_output=True, text=True)
         same = "same" if check.returncode == 0 else "DIFFERENT"
-        q, v, f = statistics.median(qt), statistics.median(vt), statistics.median(ft)
+        q, v = statistics.median(qt), statistics.median(vt)
         row = (pair, q, v, v / q if q else float("nan"), max(qm), max(vm), same)
         results.append(row)
         print(f"{pair:<16}{q:>11.2f}{v:>10.2f}{row[3]:>8.2f}{row[4]:>10.1f}{row[5]:>11.1f}"
-              f"{statistics.median(qc):>10.2f}{statistics.median(vc):>11.2f}{f:>9.2f}{f / q:>11.2f}  {same}",
-              flush=True)
+              f"{statistics.median(qc):>10.2f}{statistics.median(vc):>11.2f}  {same}", flush=True)
         for path in (out_q, out_v):
             if os.path.exists(path):
                 os.remove(path)
