@@ -165,6 +165,8 @@ struct WriteBehind {
     /// The thread that hands ranges to writeback (started at the first kick), so the writer
     /// does not spend its own time submitting writeback and dropping pages.
     worker: Option<mpsc::Sender<(u64, u64)>>,
+    /// Keep written pages cached (the output is read back soon): advise each range once.
+    keep: bool,
 }
 
 impl WriteBehind {
@@ -194,6 +196,7 @@ impl WriteBehind {
     fn kick(&mut self, file: &File, range: (u64, u64)) {
         if self.worker.is_none() {
             if let Ok(f) = file.try_clone() {
+                let keep = self.keep;
                 let (tx, rx) = mpsc::channel::<(u64, u64)>();
                 let spawned = std::thread::Builder::new()
                     .name("write-behind".into())
@@ -205,6 +208,9 @@ impl WriteBehind {
                         let mut earlier = std::collections::VecDeque::with_capacity(3);
                         for range in rx {
                             advise_written(&f, range);
+                            if keep {
+                                continue;
+                            }
                             earlier.push_back(range);
                             if earlier.len() > 2 {
                                 if let Some(old) = earlier.pop_front() {
@@ -289,6 +295,15 @@ impl FileStorage {
             writable: true,
             behind: Mutex::default(),
         })
+    }
+
+    /// Keeps what is written in the page cache after writeback, for an output that is read
+    /// back right after (`convert --verify`): by default write-behind drops it.
+    pub fn keep_written_pages(self) -> Self {
+        if let Ok(mut wb) = self.behind.lock() {
+            wb.keep = true;
+        }
+        self
     }
 
     /// Wraps an already open file.

@@ -84,7 +84,11 @@ pub fn convert(
             "the output cannot be smaller than the source",
         ));
     }
-    let (pending, storage) = PendingOutput::create(dst, opts.force)?;
+    let (pending, mut storage) = PendingOutput::create(dst, opts.force)?;
+    if opts.verify {
+        // Read back right away: keep it cached.
+        storage = storage.keep_written_pages();
+    }
     let spec = CreateSpec {
         size,
         options: &opts.options,
