@@ -140,9 +140,10 @@ forward_storage!(Arc);
 /// writers of `convert`) is handed to the kernel's writeback (`POSIX_FADV_DONTNEED`, which starts writing
 /// dirty pages without waiting for them and drops pages already clean). The disk then works
 /// while the conversion goes on and the final flush waits only for the last stretch. Each range
-/// is advised again two kicks later, when its writeback is done, which drops its pages: the
-/// next writes reuse them (on a VM whose free memory goes back to the host, fresh pages cost
-/// the copy about half its speed) and a long copy leaves the page cache as it found it.
+/// is advised again two kicks later, when its writeback has usually finished, which drops the
+/// pages that are clean by then (dirty ones stay): the next writes reuse them (on a VM whose
+/// free memory goes back to the host, fresh pages cost the copy about half its speed) and a
+/// long copy does not fill the page cache with its output.
 #[derive(Debug)]
 pub struct FileStorage {
     file: File,
@@ -202,9 +203,9 @@ impl WriteBehind {
                     .name("write-behind".into())
                     .spawn(move || {
                         // Ranges advised before, advised again two kicks later: by then their
-                        // writeback is done and the advice drops their clean pages, which the
-                        // next writes reuse instead of taking fresh memory (and a long copy does
-                        // not fill the page cache).
+                        // writeback has usually finished and the advice drops the clean pages,
+                        // which the next writes reuse instead of taking fresh memory (pages
+                        // still dirty are skipped; the last two ranges are not advised again).
                         let mut earlier = std::collections::VecDeque::with_capacity(3);
                         for range in rx {
                             advise_written(&f, range);
@@ -297,8 +298,9 @@ impl FileStorage {
         })
     }
 
-    /// Keeps what is written in the page cache after writeback, for an output that is read
-    /// back right after (`convert --verify`): by default write-behind drops it.
+    /// Does not advise written ranges a second time, so what is written mostly stays in the
+    /// page cache (the first advice may still drop pages already clean), for an output that is
+    /// read back right after (`convert --verify`). Call it before the first write.
     pub fn keep_written_pages(self) -> Self {
         if let Ok(mut wb) = self.behind.lock() {
             wb.keep = true;

@@ -88,7 +88,9 @@ where
 {
     let chunk =
         usize::try_from(cfg.chunk).map_err(|_| Error::invalid_argument("chunk too large"))?;
-    // At least a buffer per reader, so the end-of-run wake-up below reaches every reader.
+    // At least a buffer per reader: a reader that finds no more work leaves with the buffer
+    // it took, and with fewer buffers than readers one could wait for a buffer forever (the
+    // end-of-run wake-up below also needs a free slot per reader).
     let in_flight = cfg.in_flight.max(cfg.threads);
     let (pool_tx, pool_rx) = mpsc::sync_channel::<Vec<u8>>(in_flight);
     for _ in 0..in_flight {
@@ -104,7 +106,7 @@ where
     std::thread::scope(|s| -> Result<()> {
         // The planner runs ahead on its own thread so metadata lookups overlap with reads.
         let (batch_tx, batch_rx) =
-            mpsc::sync_channel::<(u64, Result<Vec<PlanItem>>)>(in_flight * 2);
+            mpsc::sync_channel::<(u64, Result<Vec<PlanItem>>)>(in_flight.saturating_mul(2));
         let (unit, plan_chunk) = (cfg.unit, cfg.chunk);
         let stop_ref = &stop;
         s.spawn(move || {
@@ -145,7 +147,7 @@ where
                 batch.push(item);
                 data = data.saturating_add(len);
             }
-            if !batch.is_empty() {
+            if !batch.is_empty() && !stop_ref.load(Ordering::Relaxed) {
                 send(Ok(batch));
             }
         });
@@ -155,7 +157,6 @@ where
             let out_tx = out_tx.clone();
             let batch_rx = std::sync::Arc::clone(&batch_rx);
             let pool_rx = &pool_rx;
-            let pool_back = pool_tx.clone();
             let process = &process;
             let stop = &stop;
             s.spawn(move || loop {
@@ -167,12 +168,7 @@ where
                     None => return,
                 };
                 let next = batch_rx.lock().ok().and_then(|rx| rx.recv().ok());
-                let Some((seq, batch)) = next else {
-                    // No more batches: hand the buffer on, or a reader still waiting for one
-                    // (with more readers than buffers) would wait forever.
-                    let _ = pool_back.try_send(buf);
-                    return;
-                };
+                let Some((seq, batch)) = next else { return };
                 let res = batch.and_then(|b| read_batch(dev, b, buf, chunk, process));
                 if out_tx.send((seq, res)).is_err() {
                     return;

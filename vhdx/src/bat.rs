@@ -352,7 +352,8 @@ impl<'a> Validator<'a> {
 
 /// For each clash `(i, off, end)` not yet named, names the first entry `j != i` of `all` whose
 /// block overlaps `[off, end)`. One pass over the table; each entry looks only at the clashes
-/// that start within a block's length before its own end (found by binary search).
+/// that start before its end and less than the longest block before its start (found by
+/// binary search over the sorted starts).
 fn name_clashing_entries(
     g: &Geometry,
     all: &[u64],
@@ -402,7 +403,7 @@ fn name_clashing_entries(
     }
 }
 
-/// Validates a whole in-memory table.
+/// Validates a whole in-memory table. Fails only when the overlap map does not fit `limits`.
 pub fn validate(
     bat: &[u64],
     g: &Geometry,
@@ -410,14 +411,10 @@ pub fn validate(
     file_len: u64,
     fixed_spans: &[Span],
     limits: &Limits,
-) -> Vec<Problem> {
-    match Validator::new(g, bat_off, file_len, fixed_spans, limits) {
-        Ok(mut v) => {
-            v.feed(0, bat);
-            v.finish(Some(bat))
-        }
-        Err(e) => vec![("bat".to_string(), bat_off, e.to_string())],
-    }
+) -> Result<Vec<Problem>> {
+    let mut v = Validator::new(g, bat_off, file_len, fixed_spans, limits)?;
+    v.feed(0, bat);
+    Ok(v.finish(Some(bat)))
 }
 
 /// Validates the BAT page by page from the file.
@@ -453,7 +450,7 @@ mod tests {
                 what: "log".into(),
             },
         ];
-        validate(bat, g, 2 << 20, file_len, &fixed, &Limits::default())
+        validate(bat, g, 2 << 20, file_len, &fixed, &Limits::default()).unwrap()
     }
 
     #[test]

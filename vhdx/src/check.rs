@@ -157,12 +157,20 @@ pub fn check(img: &VhdxImage) -> CheckReport {
         }
     });
     match (walked, validator) {
-        (Err(e), _) => r.add(
-            Severity::Corruption,
-            "bat",
-            Some(regions.bat.offset),
-            format!("the BAT cannot be read: {e}"),
-        ),
+        (Err(e), v) => {
+            // What the validator saw before the failed read still counts.
+            if let Ok(v) = v {
+                for (field, off, msg) in v.finish(None) {
+                    r.add(Severity::Corruption, &field, Some(off), msg);
+                }
+            }
+            r.add(
+                Severity::Corruption,
+                "bat",
+                Some(regions.bat.offset),
+                format!("the BAT cannot be read: {e}"),
+            );
+        }
         (Ok(()), Ok(v)) => {
             // An in-memory table names the entries that clashing ones overlap.
             let all = (!img.bat_is_paged()).then(|| img.bat_entries());

@@ -182,7 +182,7 @@ impl VhdxImage {
                 file_len,
                 &spans,
                 opts.limits,
-            );
+            )?;
             (Table::full(all), problems)
         } else {
             let problems = bat::validate_paged(
