@@ -305,6 +305,12 @@ impl<'a> Validator<'a> {
         }
     }
 
+    /// Whether some entry overlaps another structure or entry ([`Self::finish`] then names,
+    /// from the whole table, what it overlaps).
+    pub fn has_clashes(&self) -> bool {
+        !self.clashes.is_empty()
+    }
+
     /// Ends the validation; `all` (the whole table, when in memory) names clashing entries.
     pub fn finish(mut self, all: Option<&[u64]>) -> Vec<Problem> {
         let g = self.g;
@@ -403,34 +409,6 @@ fn name_clashing_entries(
     }
 }
 
-/// Validates a whole in-memory table. Fails only when the overlap map does not fit `limits`.
-pub fn validate(
-    bat: &[u64],
-    g: &Geometry,
-    bat_off: u64,
-    file_len: u64,
-    fixed_spans: &[Span],
-    limits: &Limits,
-) -> Result<Vec<Problem>> {
-    let mut v = Validator::new(g, bat_off, file_len, fixed_spans, limits)?;
-    v.feed(0, bat);
-    Ok(v.finish(Some(bat)))
-}
-
-/// Validates the BAT page by page from the file.
-pub fn validate_paged(
-    storage: &dyn Storage,
-    g: &Geometry,
-    bat_off: u64,
-    file_len: u64,
-    fixed_spans: &[Span],
-    limits: &Limits,
-) -> Result<Vec<Problem>> {
-    let mut v = Validator::new(g, bat_off, file_len, fixed_spans, limits)?;
-    crate::table::for_each_on_disk(storage, bat_off, g.entries, limits, |i, e| v.entry(i, e))?;
-    Ok(v.finish(None))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -450,7 +428,9 @@ mod tests {
                 what: "log".into(),
             },
         ];
-        validate(bat, g, 2 << 20, file_len, &fixed, &Limits::default()).unwrap()
+        let mut v = Validator::new(g, 2 << 20, file_len, &fixed, &Limits::default()).unwrap();
+        v.feed(0, bat);
+        v.finish(Some(bat))
     }
 
     #[test]

@@ -172,8 +172,8 @@ pub fn check(img: &VhdxImage) -> CheckReport {
             );
         }
         (Ok(()), Ok(v)) => {
-            // An in-memory table names the entries that clashing ones overlap.
-            let all = (!img.bat_is_paged()).then(|| img.bat_entries());
+            // An in-memory table names the entries that clashing ones overlap (copied only then).
+            let all = (v.has_clashes() && !img.bat_is_paged()).then(|| img.bat_entries());
             for (field, off, msg) in v.finish(all.as_deref()) {
                 r.add(Severity::Corruption, &field, Some(off), msg);
             }

@@ -167,6 +167,8 @@ impl VhdxImage {
         let spans = fixed_spans(&regions, log_span);
         // In memory when the table fits both the cache budget and the allocation limit.
         let whole = opts.limits.max_cache.min(opts.limits.max_alloc);
+        let mut validator =
+            bat::Validator::new(&geom, regions.bat.offset, file_len, &spans, opts.limits)?;
         let (bat, problems) = if geom.entries.saturating_mul(8) <= whole {
             let all = bat::load(
                 &*storage,
@@ -175,27 +177,20 @@ impl VhdxImage {
                 &geom,
                 opts.limits,
             )?;
-            let problems = bat::validate(
-                &all,
-                &geom,
-                regions.bat.offset,
-                file_len,
-                &spans,
-                opts.limits,
-            )?;
+            validator.feed(0, &all);
+            let problems = validator.finish(Some(&all));
             (Table::full(all), problems)
         } else {
-            let problems = bat::validate_paged(
+            crate::table::for_each_on_disk(
                 &*storage,
-                &geom,
                 regions.bat.offset,
-                file_len,
-                &spans,
+                geom.entries,
                 opts.limits,
+                |i, e| validator.entry(i, e),
             )?;
             (
                 Table::paged(regions.bat.offset, geom.entries, opts.limits.max_cache),
-                problems,
+                validator.finish(None),
             )
         };
         if let Some((field, off, msg)) = problems.into_iter().next() {
