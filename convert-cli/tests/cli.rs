@@ -365,4 +365,9 @@ fn keep_chain_then_commit_from_the_command_line() {
         .arg(&top)
         .arg(out_dir.join("base.vhdx")));
     assert_eq!(code, 0, "{out}");
+    // The child was relinked to its parent's new DataWriteGuid: it opens and reads the same.
+    let (code, out, err) = run(vdconv().arg("compare").arg(&top).arg(&dst));
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, err) = run(vdconv().arg("check").arg(&dst));
+    assert_eq!(code, 0, "{out}{err}");
 }

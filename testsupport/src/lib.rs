@@ -252,6 +252,14 @@ impl TestRng {
 /// SHA-256 (hex) of a VHD/VHDX's guest content as libvhdi (`pyvhdi`, Debian's python3-libvhdi)
 /// reads it; `parent` is opened and set as the parent of a differencing image.
 pub fn pyvhdi_sha256(path: &Path, parent: Option<&Path>) -> String {
+    let mut chain = vec![path];
+    chain.extend(parent);
+    pyvhdi_sha256_chain(&chain)
+}
+
+/// SHA-256 (hex) of the guest content of a VHD/VHDX chain, top first, as libvhdi reads it:
+/// each file is set as the parent of the one before.
+pub fn pyvhdi_sha256_chain(chain: &[&Path]) -> String {
     let python = "/usr/bin/python3";
     let probe = run(Command::new(python).args(["-c", "import pyvhdi"]));
     assert_eq!(
@@ -260,12 +268,14 @@ pub fn pyvhdi_sha256(path: &Path, parent: Option<&Path>) -> String {
     );
     let script = r#"
 import hashlib, sys, pyvhdi
-f = pyvhdi.file()
-f.open(sys.argv[1])
-if len(sys.argv) > 2:
-    p = pyvhdi.file()
-    p.open(sys.argv[2])
-    f.set_parent(p)
+files = []
+for path in sys.argv[1:]:
+    f = pyvhdi.file()
+    f.open(path)
+    files.append(f)
+for child, parent in reversed(list(zip(files, files[1:]))):
+    child.set_parent(parent)
+f = files[0]
 h = hashlib.sha256()
 size = f.get_media_size()
 off = 0
@@ -278,12 +288,13 @@ while off < size:
 print(h.hexdigest(), size)
 "#;
     let mut cmd = Command::new(python);
-    cmd.arg("-c").arg(script).arg(path);
-    if let Some(p) = parent {
-        cmd.arg(p);
-    }
+    cmd.arg("-c").arg(script).args(chain);
     let (code, out, err) = run(&mut cmd);
-    assert_eq!(code, 0, "pyvhdi could not read {}: {err}", path.display());
+    let top = chain
+        .first()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    assert_eq!(code, 0, "pyvhdi could not read {top}: {err}");
     out.split_whitespace()
         .next()
         .unwrap_or_default()

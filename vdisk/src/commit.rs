@@ -14,7 +14,12 @@ use crate::probe::probe;
 ///
 /// Crash safety is the parent format's: every write goes through its in-place write path,
 /// which follows the format's ordering rules, so an interrupted commit leaves a consistent
-/// parent holding part of the child's data (the child itself is not modified).
+/// parent holding part of the child's data, and the child unmodified.
+///
+/// A VHDX child is then relinked: writing gave the parent a new DataWriteGuid, which the
+/// child records as its parent_linkage (through its log), so the child still opens over its
+/// parent and reads as before. VHD and qcow2 children need nothing: the parent's identity
+/// they check (VHD's unique ID) does not change.
 pub fn commit(
     image: &Path,
     opts: &OpenOptions,
@@ -70,5 +75,33 @@ pub fn commit(
         progress(pos, size);
     }
     parent.flush()?;
+    drop(top);
+    if parent_format == Format::Vhdx {
+        relink(image, &parent_path, parent.as_ref(), opts)?;
+    }
     Ok(parent_path)
+}
+
+/// Relinks the VHDX `child` to its committed `parent` (see [`commit`]).
+fn relink(
+    child: &Path,
+    parent_path: &Path,
+    parent: &dyn blockdev::BlockDevice,
+    opts: &OpenOptions,
+) -> Result<()> {
+    let child_opts = OpenOptions {
+        format: Some(Format::Vhdx),
+        writable: true,
+        no_backing: true,
+        limits: opts.limits.clone(),
+        ..OpenOptions::default()
+    };
+    let dev = open(child, &child_opts)?;
+    crate::formats::vhdx::relink_child(dev.as_ref(), parent).map_err(|e| {
+        e.context(format!(
+            "{} holds the child's data, but the child could not be relinked to it \
+             (open the child with --ignore-parent-id)",
+            parent_path.display()
+        ))
+    })
 }

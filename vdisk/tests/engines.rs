@@ -340,6 +340,23 @@ fn commit_merges_child_into_parent() {
         if f == Format::Qcow2 {
             qemu_check(&parent, f);
         }
+        // The child still opens over its parent, identity checked, and reads as before (a
+        // VHDX child was relinked to the parent's new DataWriteGuid).
+        let child = vdisk::open(&dst, &OpenOptions::default())
+            .unwrap_or_else(|e| panic!("{f}: the child after commit: {e}"));
+        assert_eq!(
+            sha256_device(child.as_ref()),
+            want,
+            "{f}: child after commit"
+        );
+        if f == Format::Vhdx {
+            let base = dir.join("base.vhdx");
+            assert_eq!(
+                testsupport::pyvhdi_sha256_chain(&[&dst, &parent, &base]),
+                want,
+                "libvhdi reads the relinked child differently"
+            );
+        }
     }
 }
 

@@ -45,8 +45,10 @@ pub struct LogState {
 struct HeaderState {
     current: Header,
     slot: usize,
-    /// Whether FileWriteGuid/DataWriteGuid were renewed in this open.
-    renewed: bool,
+    /// Whether FileWriteGuid was renewed in this open.
+    file_renewed: bool,
+    /// Whether DataWriteGuid was renewed in this open (before the first guest data change).
+    data_renewed: bool,
     /// Log sequence number of the next entry.
     log_seq: u64,
 }
@@ -208,7 +210,8 @@ impl VhdxImage {
             hdr: Mutex::new(HeaderState {
                 current,
                 slot,
-                renewed: false,
+                file_renewed: false,
+                data_renewed: false,
                 log_seq: 1,
             }),
             log_state,
@@ -320,6 +323,59 @@ impl VhdxImage {
     /// The parent locator, if any.
     pub fn locator(&self) -> Option<&metadata::Locator> {
         self.meta.locator.as_ref()
+    }
+
+    /// Records `linkage` as the parent_linkage of this differencing image, through the log.
+    ///
+    /// For after a commit into the parent: writing to the parent gave it a new DataWriteGuid,
+    /// and the child's content, its data over the updated parent, is unchanged. The value is
+    /// rewritten in place (it keeps its length: a braced GUID), so the locator's layout and
+    /// every other key stay as its creator wrote them. Only the FileWriteGuid is renewed: the
+    /// guest data does not change, so the images linked to this one stay linked. The in-memory
+    /// locator is not updated; reopen the image to see the new value.
+    pub fn relink_parent(&self, linkage: Guid) -> Result<()> {
+        if !self.writable {
+            return Err(Error::read_only("image opened read-only"));
+        }
+        let entry = self
+            .meta
+            .entries
+            .iter()
+            .find(|e| e.item == ITEM_PARENT_LOCATOR)
+            .ok_or_else(|| {
+                Error::invalid_argument("the image has no parent locator to relink")
+                    .with_field("parent_locator")
+            })?;
+        let region = self.regions.metadata.offset;
+        let item_off = region + u64::from(entry.offset);
+        let item = metadata::read_item(&*self.storage, region, entry)?;
+        let (vo, vl) = metadata::locator_value_span(&item, "parent_linkage").ok_or_else(|| {
+            Error::invalid_argument("the parent locator has no parent_linkage")
+                .with_field("parent_locator.parent_linkage")
+                .with_offset(item_off)
+        })?;
+        let value = to_utf16le(&linkage.braced());
+        if value.len() != vl {
+            return Err(Error::unsupported(format!(
+                "parent_linkage holds {vl} bytes, not the {} of a braced GUID: not rewritten",
+                value.len()
+            ))
+            .with_field("parent_locator.parent_linkage")
+            .with_offset(item_off + vo as u64));
+        }
+        let _w = self.write_lock.lock().map_err(|_| lock_err())?;
+        let mut hs = self.hdr.lock().map_err(|_| lock_err())?;
+        let mut pending: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+        for (i, byte) in value.iter().enumerate() {
+            let off = item_off + (vo + i) as u64;
+            let so = off & !(LOG_SECTOR - 1);
+            if let Some(b) = self.sector(&mut pending, so)?.get_mut((off - so) as usize) {
+                *b = *byte;
+            }
+        }
+        self.begin_write(&mut hs, false)?;
+        self.commit(&mut hs, &pending)?;
+        self.close_log(&mut hs)
     }
 
     /// Block size in bytes.
@@ -493,9 +549,12 @@ impl VhdxImage {
         Ok(start)
     }
 
-    /// Starts a write session: new FileWriteGuid and DataWriteGuid, a fresh LogGuid.
-    fn begin_write(&self, hs: &mut HeaderState) -> Result<()> {
-        if hs.renewed && !hs.current.log_guid.is_zero() {
+    /// Starts a write session: a new FileWriteGuid, a new DataWriteGuid when the guest data
+    /// is to change (`data`; a metadata-only update keeps it, so children stay linked), and a
+    /// fresh LogGuid.
+    fn begin_write(&self, hs: &mut HeaderState, data: bool) -> Result<()> {
+        let renew_data = data && !hs.data_renewed;
+        if hs.file_renewed && !renew_data && !hs.current.log_guid.is_zero() {
             return Ok(());
         }
         if self.regions.bat.length == 0 || hs.current.log_length == 0 {
@@ -504,13 +563,16 @@ impl VhdxImage {
             ));
         }
         let mut nh = hs.current.clone();
-        if !hs.renewed {
+        if !hs.file_renewed {
             nh.file_write_guid = Guid::random()?;
+        }
+        if renew_data {
             nh.data_write_guid = Guid::random()?;
         }
         nh.log_guid = Guid::random()?;
         self.write_headers(hs, nh, 2)?;
-        hs.renewed = true;
+        hs.file_renewed = true;
+        hs.data_renewed |= renew_data;
         hs.log_seq = 1;
         Ok(())
     }
@@ -644,7 +706,7 @@ impl VhdxImage {
         len: u64,
         dealloc: bool,
     ) -> Result<()> {
-        self.begin_write(hs)?;
+        self.begin_write(hs, true)?;
         let bs = self.geom.block_size;
         let mut freed: Vec<u64> = Vec::new();
         let mut pending: BTreeMap<u64, Vec<u8>> = BTreeMap::new();

@@ -93,7 +93,7 @@ pub struct Metadata {
     pub locator: Option<Locator>,
 }
 
-fn read_item(storage: &dyn Storage, region: u64, e: &MetaEntry) -> Result<Vec<u8>> {
+pub(crate) fn read_item(storage: &dyn Storage, region: u64, e: &MetaEntry) -> Result<Vec<u8>> {
     let mut b = vec![0u8; e.length as usize];
     storage.read_at(&mut b, region + u64::from(e.offset))?;
     Ok(b)
@@ -365,6 +365,22 @@ pub fn parse_locator(b: &[u8], base: u64) -> Result<Locator> {
     Ok(Locator {
         locator_type: Guid::read(b, 0),
         entries,
+    })
+}
+
+/// Where the value of `key` lies in a parent locator item `b` that [`parse_locator`] accepted:
+/// (offset in the item, length in bytes).
+pub fn locator_value_span(b: &[u8], key: &str) -> Option<(usize, usize)> {
+    let count = usize::from(le16(b, 18));
+    (0..count).find_map(|i| {
+        let o = 20 + 12 * i;
+        let ko = le32(b, o) as usize;
+        let vo = le32(b, o + 4) as usize;
+        let kl = usize::from(le16(b, o + 8));
+        let vl = usize::from(le16(b, o + 10));
+        let kb = b.get(ko..ko.checked_add(kl)?)?;
+        b.get(vo..vo.checked_add(vl)?)?;
+        (utf16le(kb) == key).then_some((vo, vl))
     })
 }
 

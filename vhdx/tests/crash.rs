@@ -261,3 +261,92 @@ fn crash_during_log_replay() {
         }
     }
 }
+
+/// Relinking a child (after a commit into its parent) crashed at every write and flush: the
+/// reopened child holds the old or the new parent_linkage, its DataWriteGuid and content
+/// unchanged, and check finds no corruption.
+#[test]
+fn crash_while_relinking() {
+    let size = 4 * MIB;
+    let pbytes = create_mem(&CreateOptions {
+        size,
+        block_size: MIB,
+        ..CreateOptions::default()
+    });
+    let parent = open_with(
+        Box::new(blockdev::MemStorage::read_only(pbytes.clone())),
+        false,
+        &DirGate::new(),
+        0,
+    )
+    .unwrap();
+    let old = parent.data_write_guid();
+    let child = {
+        let m = Arc::new(blockdev::MemStorage::from_vec(create_mem(&CreateOptions {
+            block_size: MIB,
+            parent: Some(link_of(&parent)),
+            ..CreateOptions::default()
+        })));
+        let c = open_with(Box::new(m.clone()), true, &MemGate { parent: pbytes }, 0).unwrap();
+        c.write_at(&fill(8192, 4), MIB + 4096).unwrap();
+        c.flush().unwrap();
+        drop(c);
+        m.to_vec()
+    };
+    let skip = DirGate {
+        skip: true,
+        ..DirGate::new()
+    };
+    let open_ro = |bytes: Vec<u8>| {
+        open_with(
+            Box::new(blockdev::MemStorage::read_only(bytes)),
+            false,
+            &skip,
+            0,
+        )
+    };
+    let before = open_ro(child.clone()).unwrap();
+    let dwg = before.data_write_guid();
+    let mut content = vec![0u8; 8192];
+    before.read_at(&mut content, MIB + 4096).unwrap();
+    drop(before);
+    let new = vhdx::Guid::random().unwrap();
+    let total = {
+        let cs = Arc::new(CrashStorage::new(child.clone(), None));
+        open_with(Box::new(cs.clone()), true, &skip, 0)
+            .unwrap()
+            .relink_parent(new)
+            .unwrap();
+        let img = open_ro(cs.crash_image().to_vec()).unwrap();
+        assert_eq!(img.locator().unwrap().linkages(), vec![new]);
+        cs.ops()
+    };
+    assert!(total > 5, "scenario too small: {total}");
+    for k in 0..=total {
+        let cs = Arc::new(CrashStorage::new(child.clone(), Some(k)));
+        if let Ok(img) = open_with(Box::new(cs.clone()), true, &skip, 0) {
+            let _ = img.relink_parent(new);
+        }
+        let after = cs.crash_image().to_vec();
+        for writable in [false, true] {
+            let img = open_with(
+                Box::new(blockdev::MemStorage::from_vec(after.clone())),
+                writable,
+                &skip,
+                0,
+            )
+            .unwrap_or_else(|e| panic!("crash after {k} ops: open failed: {e}"));
+            let links = img.locator().unwrap().linkages();
+            assert!(
+                links == vec![old] || links == vec![new],
+                "crash after {k}: parent_linkage {links:?}"
+            );
+            assert_eq!(img.data_write_guid(), dwg, "crash after {k}");
+            let mut b = vec![0u8; 8192];
+            img.read_at(&mut b, MIB + 4096).unwrap();
+            assert_eq!(b, content, "crash after {k}");
+            let rep = img.check().unwrap();
+            assert_eq!(rep.corruptions(), 0, "crash after {k}: {:?}", rep.findings);
+        }
+    }
+}

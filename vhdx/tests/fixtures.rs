@@ -311,3 +311,69 @@ fn paged_bat_matches_full() {
         assert_eq!(paged.check().unwrap().corruptions(), 0);
     }
 }
+
+/// A Hyper-V checkpoint relinked to a new parent DataWriteGuid (as after a commit into its
+/// parent): only parent_linkage changes, in place, and libvhdi reads the new value.
+#[test]
+fn hyperv_checkpoint_relinked_in_place() {
+    let Some(src) = cached_fixture("dissect/differencing.avhdx.gz") else {
+        return;
+    };
+    let d = tempfile::tempdir().unwrap();
+    let path = d.path().join("differencing.avhdx");
+    std::fs::copy(&src, &path).unwrap();
+    let gate = DirGate {
+        skip: true,
+        ignore_id: false,
+        ..DirGate::new()
+    };
+    let open = |writable: bool| {
+        open_with(
+            Box::new(blockdev::FileStorage::open(&path, writable).unwrap()),
+            writable,
+            &gate,
+            0,
+        )
+        .unwrap()
+    };
+    let before = open(false);
+    let info0 = before.info().format_specific;
+    let loc0 = before.locator().unwrap().clone();
+    let dwg0 = before.data_write_guid();
+    drop(before);
+    let linkage = vhdx::Guid::random().unwrap();
+    assert!(!loc0.linkages().contains(&linkage));
+    open(true).relink_parent(linkage).unwrap();
+
+    let after = open(false);
+    let loc1 = after.locator().unwrap();
+    assert_eq!(loc1.locator_type, loc0.locator_type);
+    assert_eq!(loc1.entries.len(), loc0.entries.len());
+    for ((k0, v0), (k1, v1)) in loc0.entries.iter().zip(&loc1.entries) {
+        assert_eq!(k0, k1);
+        if k0 == "parent_linkage" {
+            assert_eq!(*v1, linkage.braced());
+        } else {
+            assert_eq!(v0, v1, "{k0}");
+        }
+    }
+    // Same guest data: DataWriteGuid kept, FileWriteGuid renewed, the log left empty.
+    assert_eq!(after.data_write_guid(), dwg0);
+    let info1 = after.info().format_specific;
+    assert_ne!(info1["file_write_guid"], info0["file_write_guid"]);
+    assert_eq!(info1["log_state"], "empty");
+    assert_eq!(info1["bat_states"], info0["bat_states"]);
+    assert_eq!(after.check().unwrap().corruptions(), 0);
+
+    // libvhdi reads the new parent identifier.
+    let tool = testsupport::require_tool("vhdiinfo");
+    let (code, out, err) = testsupport::run(std::process::Command::new(tool).arg(&path));
+    assert_eq!(code, 0, "{out}{err}");
+    let want = linkage.braced();
+    let want = want.trim_matches(|c| c == '{' || c == '}');
+    assert!(
+        out.lines()
+            .any(|l| l.contains("Parent identifier") && l.contains(want)),
+        "{out}"
+    );
+}

@@ -167,3 +167,23 @@ pub(crate) fn writer(
     let o = options(spec)?;
     Ok(Box::new(VhdxWriter::new(storage, o, spec.limits)?))
 }
+
+/// After a commit into the parent of the differencing VHDX `child`: records the parent's new
+/// DataWriteGuid as the child's parent_linkage, so the child still opens over it (its content,
+/// its own data over the updated parent, is unchanged). Nothing is written when the linkage
+/// already matches (a commit that wrote nothing).
+pub(crate) fn relink_child(child: &dyn BlockDevice, parent: &dyn BlockDevice) -> Result<()> {
+    let (Some(c), Some(p)) = (
+        child.as_any().downcast_ref::<VhdxImage>(),
+        parent.as_any().downcast_ref::<VhdxImage>(),
+    ) else {
+        return Err(Error::invalid_argument(
+            "relinking needs a differencing VHDX and its VHDX parent",
+        ));
+    };
+    let dwg = p.data_write_guid();
+    if c.locator().is_some_and(|l| l.linkages().contains(&dwg)) {
+        return Ok(());
+    }
+    c.relink_parent(dwg)
+}

@@ -127,6 +127,10 @@ pub fn link_of(parent: &VhdxImage) -> vhdx::create::ParentLink {
 /// decompress) and returns its path; `None` when the fixtures are absent (test skipped).
 /// Callers must open it read-only.
 pub fn cached_fixture(rel: &str) -> Option<PathBuf> {
+    // Tests of one binary run on threads of one process: one unpacks at a time (they would
+    // share the temporary directory).
+    static UNPACK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = UNPACK.lock().unwrap_or_else(|e| e.into_inner());
     let root = testsupport::shared_fixtures_dir()?;
     let src = root.join(rel);
     let md = std::fs::metadata(&src).unwrap();
