@@ -45,6 +45,16 @@ pub fn commit(
     };
     let parent = open(&parent_path, &parent_opts)?;
     let size = top.size().min(parent.size());
+    if let Some(at) = data_beyond(top.as_ref(), size)? {
+        // The parent cannot hold it: refuse before writing anything rather than commit part.
+        return Err(Error::invalid_argument(format!(
+            "the child ({} bytes) holds data at offset {at}, past the end of its parent ({} bytes): \
+             the parent cannot take it; nothing was committed",
+            top.size(),
+            parent.size()
+        ))
+        .with_path(image));
+    }
     let mut buf = vec![0u8; 2 << 20];
     let mut pos = 0u64;
     while pos < size {
@@ -80,6 +90,20 @@ pub fn commit(
         relink(image, &parent_path, parent.as_ref(), opts)?;
     }
     Ok(parent_path)
+}
+
+/// The first offset at or after `from` where the top layer of `top` holds data, if any.
+fn data_beyond(top: &dyn blockdev::BlockDevice, from: u64) -> Result<Option<u64>> {
+    let size = top.size();
+    let mut pos = from;
+    while pos < size {
+        let e = top.block_status(pos, size - pos)?;
+        if e.kind == ExtentKind::Data {
+            return Ok(Some(pos));
+        }
+        pos = pos.saturating_add(e.len.max(1));
+    }
+    Ok(None)
 }
 
 /// Relinks the VHDX `child` to its committed `parent` (see [`commit`]).

@@ -361,6 +361,64 @@ fn commit_merges_child_into_parent() {
 }
 
 #[test]
+fn commit_refuses_a_child_with_data_past_its_parents_end() {
+    require_tool("qemu-img");
+    let d = tempfile::tempdir().unwrap();
+    let base = d.path().join("base.qcow2");
+    let top = d.path().join("top.qcow2");
+    let sh = |args: &[&str]| {
+        let (code, out, err) = run(Command::new("qemu-img").args(args));
+        assert_eq!(code, 0, "{args:?}: {out}{err}");
+    };
+    let io = |img: &Path, cmd: &str| {
+        let (code, out, err) = run(Command::new("qemu-io").arg("-c").arg(cmd).arg(img));
+        assert_eq!(code, 0, "qemu-io: {out}{err}");
+    };
+    sh(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "16M"]);
+    io(&base, "write -P 0x31 0 4M");
+    // The overlay is larger than its backing file, with data below and past the base's end.
+    sh(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        top.to_str().unwrap(),
+        "32M",
+    ]);
+    io(&top, "write -P 0x32 1M 1M");
+    io(&top, "write -P 0x33 20M 1M");
+    let before = testsupport::sha256_file(&base);
+    let err = vdisk::commit(&top, &OpenOptions::default(), None, &mut |_, _| {}).unwrap_err();
+    assert_eq!(err.kind(), blockdev::ErrorKind::InvalidArgument, "{err}");
+    assert!(
+        err.to_string().contains("past the end of its parent"),
+        "{err}"
+    );
+    assert_eq!(
+        testsupport::sha256_file(&base),
+        before,
+        "the base was modified"
+    );
+    // Without data past the end, the part the base can hold is committed.
+    io(&top, "discard 20M 1M");
+    let want = testsupport::qemu_sha256(&top, "qcow2");
+    vdisk::commit(&top, &OpenOptions::default(), None, &mut |_, _| {}).unwrap();
+    let merged = open(&base);
+    let mut first = vec![0u8; 16 << 20];
+    merged.read_at(&mut first, 0).unwrap();
+    let child = open(&top);
+    let mut all = vec![0u8; 32 << 20];
+    child.read_at(&mut all, 0).unwrap();
+    assert_eq!(first[..], all[..16 << 20]);
+    assert_eq!(testsupport::qemu_sha256(&top, "qcow2"), want);
+    qemu_check(&base, Format::Qcow2);
+}
+
+#[test]
 fn azure_target_gives_whole_mib_fixed_vhd() {
     require_tool("qemu-img");
     let d = tempfile::tempdir().unwrap();
