@@ -632,6 +632,11 @@ fn convert(a: ConvertArgs, cancel: &AtomicBool) -> Result<Code> {
                 .collect();
             v.append(&mut out_opts);
             out_opts = v;
+            if t == Target::Azure && a.keep_chain {
+                return Err(Error::invalid_argument(
+                    "Azure takes one fixed VHD: convert without --keep-chain (the chain is flattened)",
+                ));
+            }
             if t == Target::Azure {
                 const MIB: u64 = 1 << 20;
                 const AZURE_MAX: u64 = 4095 * (1 << 30);
@@ -671,6 +676,16 @@ fn convert(a: ConvertArgs, cancel: &AtomicBool) -> Result<Code> {
         out_opts.push(("compress".to_string(), "on".to_string()));
     }
     check_target_capacity(out_format, size.unwrap_or(src.size()))?;
+    let logical = src.sector_sizes().logical;
+    if logical != 512 && out_format != Format::Vhdx {
+        // The bytes convert exactly; what the guest finds depends on the sector size it sees.
+        let how = if out_format == Format::Vhd {
+            "a VHD always presents 512-byte sectors, so the guest's partition table will not be found"
+        } else {
+            "the output does not record it: attach the disk with that sector size (QEMU: logical_block_size)"
+        };
+        eprintln!("vdconv: notice: the source has {logical}-byte logical sectors; {how}");
+    }
     let backing = match &a.backing {
         Some(r) => Some(vdisk::open_parent(
             &a.dst,

@@ -31,9 +31,14 @@ pub fn commit(
         Error::invalid_argument("the image has no parent/backing file to commit into")
             .with_path(image)
     })?;
-    let parent_format: Format = {
-        let s = blockdev::FileStorage::open(&parent_path, false)?;
-        probe(&s)?
+    // The format the chain opened the parent as (the child may name it: a raw base whose
+    // first bytes look like another format must stay raw), not a fresh probe.
+    let parent_format: Format = match top.backing() {
+        Some(b) => b.info().format.parse()?,
+        None => {
+            let s = blockdev::FileStorage::open(&parent_path, false)?;
+            probe(&s)?
+        }
     };
     let parent_opts = OpenOptions {
         format: Some(parent_format),

@@ -89,9 +89,18 @@ pub fn convert(
         // Read back right away: keep it cached.
         storage = storage.keep_written_pages();
     }
+    let mut options = opts.options.clone();
+    let logical = src.sector_sizes().logical;
+    if opts.format == Format::Vhdx
+        && opts.backing.is_none()
+        && !options.iter().any(|(k, _)| k == "logical_sector_size")
+    {
+        // The guest addresses the disk in these sectors (a GPT sits at LBA 1): keep them.
+        options.push(("logical_sector_size".into(), logical.to_string()));
+    }
     let spec = CreateSpec {
         size,
-        options: &opts.options,
+        options: &options,
         parent: opts.backing.as_ref(),
         path: Some(dst),
         limits: &opts.limits,
@@ -187,6 +196,17 @@ fn fill(
         }
         Ok(())
     })?;
+    // Past the source's end the output reads zeros: where a backing image has data there,
+    // say so explicitly.
+    if let (Some(b), Some(out_size)) = (backing, opts.size) {
+        if out_size > size {
+            let mut ops = Vec::new();
+            zeros_over_backing(b, size, out_size - size, zero_unit, &mut ops)?;
+            for op in &ops {
+                apply(writer, op, 0, &[], &mut report)?;
+            }
+        }
+    }
     if verify {
         report.digest = Some(digest.finish()?);
     }

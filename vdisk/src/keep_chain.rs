@@ -38,6 +38,13 @@ fn layer_name(dst: &Path, source: &Path, format: Format) -> PathBuf {
 
 /// Converts the chain of `src` layer by layer; the top layer is written to `dst`, the others
 /// beside it. Returns the layers written, bottom first.
+///
+/// What cannot work is refused before anything is written: a target without parents (raw)
+/// for a chain, layers of different sizes for VHD and VHDX (a child has its parent's size),
+/// a resize (`opts.size`), and an output that would replace a file of the source chain (even
+/// with `force`: the lower layers are named automatically). If a layer fails, the layers this
+/// call already wrote are removed. `verify` compares the new top layer, read through its new
+/// chain, with the source's top layer.
 pub fn convert_chain(
     src: &Path,
     dst: &Path,
@@ -60,50 +67,142 @@ pub fn convert_chain(
         ));
     }
     let n = layers.len();
-    let mut outputs: Vec<PathBuf> = Vec::new();
-    for i in (0..n).rev() {
-        let (Some(layer), Some(source)) = (layers.get(i), paths.get(i)) else {
-            break;
-        };
-        let out = if i == 0 {
-            dst.to_path_buf()
-        } else {
-            layer_name(dst, source, opts.format)
-        };
-        if outputs.contains(&out) {
+    // Outputs, top first like `layers` and `paths`.
+    let outs: Vec<PathBuf> = paths
+        .iter()
+        .enumerate()
+        .map(|(i, source)| {
+            if i == 0 {
+                dst.to_path_buf()
+            } else {
+                layer_name(dst, source, opts.format)
+            }
+        })
+        .collect();
+    check_plan(&layers, &paths, &outs, opts)?;
+    let mut written: Vec<PathBuf> = Vec::new();
+    let result = (|| -> Result<()> {
+        for i in (0..n).rev() {
+            let (Some(layer), Some(out)) = (layers.get(i), outs.get(i)) else {
+                break;
+            };
+            if i == n - 1 {
+                // The bottom layer: a plain conversion of that layer alone.
+                let mut o = ConvertOptions::new(opts.format);
+                o.options = opts.options.clone();
+                o.force = opts.force;
+                o.limits = opts.limits.clone();
+                convert(*layer, out, &o, cancel, progress)?;
+            } else {
+                let prev = written
+                    .last()
+                    .cloned()
+                    .ok_or_else(|| Error::new(ErrorKind::Io, "internal: no parent output"))?;
+                let reference = prev
+                    .file_name()
+                    .map(|s| s.to_string_lossy().to_string())
+                    .ok_or_else(|| {
+                        Error::new(ErrorKind::Io, "internal: parent output has no name")
+                    })?;
+                let parent = open_parent(out, &reference, Some(opts.format), &opts.limits)?;
+                write_layer(*layer, out, opts, parent, cancel, progress)?;
+            }
+            written.push(out.clone());
+        }
+        if opts.verify {
+            verify_chain(top.as_ref(), dst, opts, cancel)?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = result {
+        for w in &written {
+            let _ = std::fs::remove_file(w);
+        }
+        return Err(e);
+    }
+    Ok(paths
+        .into_iter()
+        .rev()
+        .zip(written)
+        .map(|(source, output)| LayerOutput { source, output })
+        .collect())
+}
+
+/// The up-front refusals of [`convert_chain`].
+fn check_plan(
+    layers: &[&dyn BlockDevice],
+    paths: &[PathBuf],
+    outs: &[PathBuf],
+    opts: &ConvertOptions,
+) -> Result<()> {
+    if opts.size.is_some() {
+        return Err(Error::invalid_argument(
+            "--keep-chain keeps every layer's size: a resizing target (azure) cannot apply",
+        ));
+    }
+    if layers.len() > 1 && opts.format == Format::Raw {
+        return Err(Error::invalid_argument(
+            "raw images cannot have a parent: --keep-chain needs vhd, vhdx or qcow2",
+        ));
+    }
+    if matches!(opts.format, Format::Vhd | Format::Vhdx) {
+        let sizes: Vec<u64> = layers.iter().map(|l| l.size()).collect();
+        if sizes.windows(2).any(|w| w.first() != w.last()) {
+            return Err(Error::invalid_argument(format!(
+                "the layers have different sizes ({}, top first): a differencing {} has its parent's size",
+                sizes.iter().map(u64::to_string).collect::<Vec<_>>().join(", "),
+                opts.format
+            )));
+        }
+    }
+    let ids = |p: &Path| {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()))
+    };
+    let sources: Vec<(u64, u64)> = paths.iter().filter_map(|p| ids(p)).collect();
+    for (i, out) in outs.iter().enumerate() {
+        if outs.iter().take(i).any(|o| o == out) {
             return Err(Error::invalid_argument(format!(
                 "two layers of the chain would both be written to {}",
                 out.display()
             )));
         }
-        if i == n - 1 {
-            // The bottom layer: a plain conversion of that layer alone.
-            let mut o = ConvertOptions::new(opts.format);
-            o.options = opts.options.clone();
-            o.force = opts.force;
-            o.verify = opts.verify;
-            o.limits = opts.limits.clone();
-            convert(*layer, &out, &o, cancel, progress)?;
-        } else {
-            let prev = outputs
-                .last()
-                .cloned()
-                .ok_or_else(|| Error::new(ErrorKind::Io, "internal: no parent output"))?;
-            let reference = prev
-                .file_name()
-                .map(|s| s.to_string_lossy().to_string())
-                .ok_or_else(|| Error::new(ErrorKind::Io, "internal: parent output has no name"))?;
-            let parent = open_parent(&out, &reference, Some(opts.format), &opts.limits)?;
-            write_layer(*layer, &out, opts, parent, cancel, progress)?;
+        if ids(out).is_some_and(|id| sources.contains(&id)) {
+            return Err(Error::invalid_argument(format!(
+                "{} is a file of the source chain: --keep-chain would replace it; write the chain to another directory",
+                out.display()
+            )));
         }
-        outputs.push(out);
     }
-    Ok(paths
-        .into_iter()
-        .rev()
-        .zip(outputs)
-        .map(|(source, output)| LayerOutput { source, output })
-        .collect())
+    Ok(())
+}
+
+/// Compares the source's top layer with the new top layer read through its new chain.
+fn verify_chain(
+    src: &dyn BlockDevice,
+    dst: &Path,
+    opts: &ConvertOptions,
+    cancel: Option<&AtomicBool>,
+) -> Result<()> {
+    let out = crate::open::open(
+        dst,
+        &OpenOptions {
+            format: Some(opts.format),
+            limits: opts.limits.clone(),
+            ..OpenOptions::default()
+        },
+    )?;
+    let alg = crate::digest::DigestAlgorithm::SparseSha256;
+    let want = crate::digest::digest(src, alg, cancel, &mut |_, _| {})?;
+    let got = crate::digest::digest(out.as_ref(), alg, cancel, &mut |_, _| {})?;
+    if got != want {
+        return Err(Error::new(
+            ErrorKind::Mismatch,
+            format!("verification failed: the new chain's content digest {got} differs from the source's {want}"),
+        )
+        .with_path(dst));
+    }
+    Ok(())
 }
 
 /// Writes one upper layer: its Data ranges (aligned to the output's unit, read through the
@@ -135,6 +234,9 @@ fn write_layer(
     pending.publish()
 }
 
+/// Copies one layer's own ranges to `writer` in whole units: a unit the layer covers only in
+/// part is read through the layer, so its other bytes carry the parent's data (a writer fills
+/// the rest of a partial unit with zeros, which would hide the parent's bytes).
 fn copy_layer(
     layer: &dyn BlockDevice,
     writer: &mut dyn ImageWriter,
@@ -144,9 +246,22 @@ fn copy_layer(
 ) -> Result<()> {
     let size = layer.size();
     let mut pos = 0u64;
-    // End of what was already handed to the writer (writes must increase).
+    // End of what was already handed to the writer (writes must increase): always a unit
+    // boundary or the end of the disk.
     let mut written = 0u64;
     let mut buf: Vec<u8> = Vec::new();
+    let mut through = |a: u64, b: u64, writer: &mut dyn ImageWriter| -> Result<()> {
+        let mut q = a;
+        while q < b {
+            let n = (b - q).min(4 << 20);
+            buf.resize(usize::try_from(n).unwrap_or(0), 0);
+            layer.read_at(&mut buf, q)?;
+            writer.write_data(q, &buf)?;
+            q += n;
+        }
+        Ok(())
+    };
+    let up = |x: u64| x.div_ceil(unit).saturating_mul(unit).min(size);
     while pos < size {
         if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
             return Err(Error::new(ErrorKind::Interrupted, "interrupted"));
@@ -157,22 +272,27 @@ fn copy_layer(
         match e.kind {
             ExtentKind::Data => {
                 let a = (pos / unit * unit).max(written);
-                let b = end.div_ceil(unit).saturating_mul(unit).min(size);
-                let mut q = a;
-                while q < b {
-                    let n = (b - q).min(4 << 20);
-                    buf.resize(usize::try_from(n).unwrap_or(0), 0);
-                    layer.read_at(&mut buf, q)?;
-                    writer.write_data(q, &buf)?;
-                    q += n;
-                }
+                let b = up(end);
+                through(a, b, writer)?;
                 written = written.max(b);
             }
             ExtentKind::Zero => {
                 let a = pos.max(written);
                 if end > a {
-                    writer.write_zeroes(a, end - a)?;
-                    written = end;
+                    // Partial units at either end go through the layer; whole ones as zeros.
+                    let head = up(a);
+                    let tail = (end / unit * unit).max(head);
+                    if head > a {
+                        through(a / unit * unit, head, writer)?;
+                    }
+                    if tail > head {
+                        writer.write_zeroes(head, tail - head)?;
+                    }
+                    let b = up(end).max(head);
+                    if b > tail {
+                        through(tail, b, writer)?;
+                    }
+                    written = written.max(b);
                 }
             }
             _ => {}

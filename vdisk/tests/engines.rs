@@ -440,3 +440,213 @@ fn azure_target_gives_whole_mib_fixed_vhd() {
     assert_eq!(v["virtual-size"].as_u64().unwrap(), 101 * MIB);
     assert_eq!(std::fs::metadata(&out).unwrap().len(), 101 * MIB + 512);
 }
+
+/// A two-layer qcow2 chain in `dir`: base (`base_size`) with data, top (`top_size`) over it
+/// with data, an explicit zero cluster over the base's data, and `extra` qemu-io commands.
+fn two_layers(dir: &Path, base_size: &str, top_size: &str, extra: &[&str]) -> PathBuf {
+    let base = dir.join("base.qcow2");
+    let top = dir.join("top.qcow2");
+    let sh = |args: &[&str]| {
+        let (code, out, err) = run(Command::new("qemu-img").args(args));
+        assert_eq!(code, 0, "{args:?}: {out}{err}");
+    };
+    let io = |img: &Path, cmds: &[&str]| {
+        let mut c = Command::new("qemu-io");
+        for x in cmds {
+            c.arg("-c").arg(x);
+        }
+        let (code, out, err) = run(c.arg(img));
+        assert_eq!(code, 0, "qemu-io: {out}{err}");
+    };
+    sh(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        base.to_str().unwrap(),
+        base_size,
+    ]);
+    io(&base, &["write -P 0x41 0 4M"]);
+    sh(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        top.to_str().unwrap(),
+        top_size,
+    ]);
+    let mut cmds = vec!["write -P 0x42 2M 64k", "write -z 1M 64k"];
+    cmds.extend_from_slice(extra);
+    io(&top, &cmds);
+    top
+}
+
+#[test]
+fn keep_chain_partial_zero_units_keep_the_parents_bytes() {
+    require_tool("qemu-img");
+    let d = tempfile::tempdir().unwrap();
+    let top = two_layers(d.path(), "16M", "16M", &[]);
+    let want = testsupport::qemu_sha256(&top, "qcow2");
+    // A 64 KiB zero cluster inside a 2 MiB target cluster: the rest of that cluster is the
+    // base's data, which the new top must not hide with zeros.
+    let out_dir = d.path().join("out");
+    std::fs::create_dir(&out_dir).unwrap();
+    let dst = out_dir.join("top.qcow2");
+    let mut o = ConvertOptions::new(Format::Qcow2);
+    o.options = vec![("cluster_size".into(), "2M".into())];
+    o.verify = true;
+    vdisk::convert_chain(
+        &top,
+        &dst,
+        &OpenOptions::default(),
+        &o,
+        None,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    assert_eq!(testsupport::qemu_sha256(&dst, "qcow2"), want);
+    qemu_check(&dst, Format::Qcow2);
+    // Same for a VHDX with 4096-byte sectors over 512-byte zero runs is covered by units of
+    // 4 KiB; a VHDX chain must read the same too.
+    let vdir = d.path().join("vhdx");
+    std::fs::create_dir(&vdir).unwrap();
+    let vdst = vdir.join("top.vhdx");
+    let mut o = ConvertOptions::new(Format::Vhdx);
+    o.verify = true;
+    vdisk::convert_chain(
+        &top,
+        &vdst,
+        &OpenOptions::default(),
+        &o,
+        None,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let got = vdisk::open(&vdst, &OpenOptions::default()).unwrap();
+    assert_eq!(sha256_device(got.as_ref()), want);
+}
+
+#[test]
+fn keep_chain_refusals_write_nothing() {
+    require_tool("qemu-img");
+    let d = tempfile::tempdir().unwrap();
+    let top = two_layers(d.path(), "16M", "16M", &[]);
+    let base = d.path().join("base.qcow2");
+    let before = testsupport::sha256_file(&base);
+    let refused = |dst: &Path, o: &ConvertOptions, what: &str| {
+        let err = vdisk::convert_chain(&top, dst, &OpenOptions::default(), o, None, &mut |_, _| {})
+            .unwrap_err();
+        assert_eq!(
+            err.kind(),
+            blockdev::ErrorKind::InvalidArgument,
+            "{what}: {err}"
+        );
+        assert!(!dst.exists(), "{what}: an output was written");
+    };
+    // Its lower layer would be named base.qcow2 beside the output: the source's own base.
+    let mut o = ConvertOptions::new(Format::Qcow2);
+    o.force = true;
+    refused(
+        &d.path().join("new.qcow2"),
+        &o,
+        "output over the source chain",
+    );
+    assert_eq!(
+        testsupport::sha256_file(&base),
+        before,
+        "the source base was replaced"
+    );
+    // raw has no parents.
+    refused(
+        &d.path().join("x.raw"),
+        &ConvertOptions::new(Format::Raw),
+        "raw",
+    );
+    assert!(!d.path().join("base.raw").exists());
+    // Layers of different sizes cannot become a VHD or VHDX chain.
+    let d2 = tempfile::tempdir().unwrap();
+    let top2 = two_layers(d2.path(), "16M", "32M", &[]);
+    for f in [Format::Vhd, Format::Vhdx] {
+        let dst = d2.path().join(format!("out.{}", f.extension()));
+        let err = vdisk::convert_chain(
+            &top2,
+            &dst,
+            &OpenOptions::default(),
+            &ConvertOptions::new(f),
+            None,
+            &mut |_, _| {},
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.kind(),
+            blockdev::ErrorKind::InvalidArgument,
+            "{f}: {err}"
+        );
+        assert!(err.to_string().contains("different sizes"), "{err}");
+        assert!(!d2.path().join(format!("base.{}", f.extension())).exists());
+    }
+    // A differencing VHDX of another size than its base is refused, not silently resized.
+    let vbase = d2.path().join("vbase.vhdx");
+    let (code, out, err) = run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "vhdx"])
+        .arg(&vbase)
+        .arg("16M"));
+    assert_eq!(code, 0, "{out}{err}");
+    let src = open(&d2.path().join("top.qcow2"));
+    let mut o = ConvertOptions::new(Format::Vhdx);
+    o.backing = Some(
+        vdisk::open_parent(
+            &d2.path().join("delta.vhdx"),
+            "vbase.vhdx",
+            None,
+            &Default::default(),
+        )
+        .unwrap(),
+    );
+    let err = vdisk::convert(
+        src.as_ref(),
+        &d2.path().join("delta.vhdx"),
+        &o,
+        None,
+        &mut |_, _| {},
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("parent's size"), "{err}");
+    assert!(!d2.path().join("delta.vhdx").exists());
+}
+
+#[test]
+fn vhdx_with_4096_byte_sectors_keeps_them() {
+    let d = tempfile::tempdir().unwrap();
+    let raw = d.path().join("disk.raw");
+    random_raw(&raw, 24 * MIB, 17);
+    let four_k = d.path().join("4k.vhdx");
+    let mut o = ConvertOptions::new(Format::Vhdx);
+    o.options = vec![("logical_sector_size".into(), "4096".into())];
+    vdisk::convert(open(&raw).as_ref(), &four_k, &o, None, &mut |_, _| {}).unwrap();
+    let src = open(&four_k);
+    assert_eq!(src.sector_sizes().logical, 4096);
+    // Re-laid out without naming a sector size: the guest still sees 4096-byte sectors.
+    let dst = d.path().join("out.vhdx");
+    vdisk::convert(
+        src.as_ref(),
+        &dst,
+        &ConvertOptions::new(Format::Vhdx),
+        None,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let out = open(&dst);
+    assert_eq!(out.sector_sizes().logical, 4096);
+    let want = sha256_device(src.as_ref());
+    assert_eq!(sha256_device(out.as_ref()), want);
+    assert_eq!(
+        testsupport::pyvhdi_sha256(&dst, None),
+        want,
+        "libvhdi reads the 4096-byte-sector output differently"
+    );
+}

@@ -110,6 +110,13 @@ impl CreateOptions {
                         p.logical
                     )));
                 }
+                // A child presents its parent's size: another one would be silently ignored.
+                if self.size != 0 && self.size != p.size {
+                    return Err(Error::invalid_argument(format!(
+                        "a differencing VHDX must have its parent's size ({} bytes), not {}",
+                        p.size, self.size
+                    )));
+                }
                 p.size
             }
             None => blockdev::align_up(self.size, u64::from(self.logical), "size")?,
