@@ -189,36 +189,38 @@ fn delta_with_backing_writes_only_differences() {
     }
 }
 
+/// Runs qemu-img; it must succeed.
+fn sh(args: &[&str]) {
+    let (code, out, err) = run(Command::new("qemu-img").args(args));
+    assert_eq!(code, 0, "{args:?}: {out}{err}");
+}
+
+/// Runs qemu-io commands on `img`; they must succeed.
+fn io(img: &Path, cmds: &[&str]) {
+    let mut c = Command::new("qemu-io");
+    for x in cmds {
+        c.arg("-c").arg(x);
+    }
+    let (code, out, err) = run(c.arg(img));
+    assert_eq!(code, 0, "qemu-io: {out}{err}");
+}
+
+/// Creates a qcow2 `img` of `size` over the backing file `backing` (a name beside it).
+fn overlay(img: &Path, backing: &str, size: Option<&str>) {
+    let mut args = vec!["create", "-q", "-f", "qcow2", "-b", backing, "-F", "qcow2"];
+    args.push(img.to_str().unwrap());
+    args.extend(size);
+    sh(&args);
+}
+
 /// A three-layer qcow2 chain made by qemu-img, with data and zeros in every layer.
 fn qemu_chain(dir: &Path) -> Vec<PathBuf> {
     let base = dir.join("base.qcow2");
     let mid = dir.join("mid.qcow2");
     let top = dir.join("top.qcow2");
-    let sh = |args: &[&str]| {
-        let (code, out, err) = run(Command::new("qemu-img").args(args));
-        assert_eq!(code, 0, "{args:?}: {out}{err}");
-    };
-    let io = |img: &Path, cmds: &[&str]| {
-        let mut c = Command::new("qemu-io");
-        for x in cmds {
-            c.arg("-c").arg(x);
-        }
-        let (code, out, err) = run(c.arg(img));
-        assert_eq!(code, 0, "qemu-io: {out}{err}");
-    };
     sh(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "32M"]);
     io(&base, &["write -P 0x11 0 8M", "write -P 0x12 16M 4M"]);
-    sh(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        mid.to_str().unwrap(),
-    ]);
+    overlay(&mid, "base.qcow2", None);
     io(
         &mid,
         &[
@@ -227,17 +229,7 @@ fn qemu_chain(dir: &Path) -> Vec<PathBuf> {
             "write -P 0x22 30M 64k",
         ],
     );
-    sh(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "mid.qcow2",
-        "-F",
-        "qcow2",
-        top.to_str().unwrap(),
-    ]);
+    overlay(&top, "mid.qcow2", None);
     io(
         &top,
         &[
@@ -366,31 +358,11 @@ fn commit_refuses_a_child_with_data_past_its_parents_end() {
     let d = tempfile::tempdir().unwrap();
     let base = d.path().join("base.qcow2");
     let top = d.path().join("top.qcow2");
-    let sh = |args: &[&str]| {
-        let (code, out, err) = run(Command::new("qemu-img").args(args));
-        assert_eq!(code, 0, "{args:?}: {out}{err}");
-    };
-    let io = |img: &Path, cmd: &str| {
-        let (code, out, err) = run(Command::new("qemu-io").arg("-c").arg(cmd).arg(img));
-        assert_eq!(code, 0, "qemu-io: {out}{err}");
-    };
     sh(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "16M"]);
-    io(&base, "write -P 0x31 0 4M");
+    io(&base, &["write -P 0x31 0 4M"]);
     // The overlay is larger than its backing file, with data below and past the base's end.
-    sh(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        top.to_str().unwrap(),
-        "32M",
-    ]);
-    io(&top, "write -P 0x32 1M 1M");
-    io(&top, "write -P 0x33 20M 1M");
+    overlay(&top, "base.qcow2", Some("32M"));
+    io(&top, &["write -P 0x32 1M 1M", "write -P 0x33 20M 1M"]);
     let before = testsupport::sha256_file(&base);
     let err = vdisk::commit(&top, &OpenOptions::default(), None, &mut |_, _| {}).unwrap_err();
     assert_eq!(err.kind(), blockdev::ErrorKind::InvalidArgument, "{err}");
@@ -404,7 +376,7 @@ fn commit_refuses_a_child_with_data_past_its_parents_end() {
         "the base was modified"
     );
     // Without data past the end, the part the base can hold is committed.
-    io(&top, "discard 20M 1M");
+    io(&top, &["discard 20M 1M"]);
     let want = testsupport::qemu_sha256(&top, "qcow2");
     vdisk::commit(&top, &OpenOptions::default(), None, &mut |_, _| {}).unwrap();
     let merged = open(&base);
@@ -446,18 +418,6 @@ fn azure_target_gives_whole_mib_fixed_vhd() {
 fn two_layers(dir: &Path, base_size: &str, top_size: &str, extra: &[&str]) -> PathBuf {
     let base = dir.join("base.qcow2");
     let top = dir.join("top.qcow2");
-    let sh = |args: &[&str]| {
-        let (code, out, err) = run(Command::new("qemu-img").args(args));
-        assert_eq!(code, 0, "{args:?}: {out}{err}");
-    };
-    let io = |img: &Path, cmds: &[&str]| {
-        let mut c = Command::new("qemu-io");
-        for x in cmds {
-            c.arg("-c").arg(x);
-        }
-        let (code, out, err) = run(c.arg(img));
-        assert_eq!(code, 0, "qemu-io: {out}{err}");
-    };
     sh(&[
         "create",
         "-q",
@@ -467,18 +427,7 @@ fn two_layers(dir: &Path, base_size: &str, top_size: &str, extra: &[&str]) -> Pa
         base_size,
     ]);
     io(&base, &["write -P 0x41 0 4M"]);
-    sh(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        top.to_str().unwrap(),
-        top_size,
-    ]);
+    overlay(&top, "base.qcow2", Some(top_size));
     let mut cmds = vec!["write -P 0x42 2M 64k", "write -z 1M 64k"];
     cmds.extend_from_slice(extra);
     io(&top, &cmds);
