@@ -1,11 +1,12 @@
 //! Merging a differencing/overlay image into its parent (Hyper-V's Merge-VHD, qemu-img commit).
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 
-use blockdev::{Error, ErrorKind, ExtentKind, Result};
+use blockdev::{BlockDevice, Error, ExtentKind, ImageWriter, Result};
 
 use crate::format::Format;
+use crate::keep_chain::copy_layer;
 use crate::open::{open, open_with_paths, OpenOptions};
 use crate::probe::probe;
 
@@ -60,41 +61,41 @@ pub fn commit(
         ))
         .with_path(image));
     }
-    let mut buf = vec![0u8; 2 << 20];
-    let mut pos = 0u64;
-    while pos < size {
-        if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
-            parent.flush()?;
-            return Err(Error::new(ErrorKind::Interrupted, "interrupted"));
-        }
-        let e = top.block_status(pos, size - pos)?;
-        let len = e.len.min(size - pos);
-        match e.kind {
-            ExtentKind::Data => {
-                let mut q = pos;
-                while q < pos + len {
-                    let n = (pos + len - q).min(buf.len() as u64);
-                    let part = buf
-                        .get_mut(..usize::try_from(n).unwrap_or(0))
-                        .ok_or_else(|| Error::new(ErrorKind::Io, "internal buffer"))?;
-                    top.read_at(part, q)?;
-                    parent.write_at(part, q)?;
-                    q += n;
-                    progress(q, size);
-                }
-            }
-            ExtentKind::Zero => parent.write_zeroes(pos, len, false)?,
-            _ => {}
-        }
-        pos += len;
-        progress(pos, size);
-    }
+    // Whole sectors of the parent: a range the child covers in part (a 512-byte qcow2
+    // subcluster over a 4096-byte-sector VHDX) is read through the child, so the rest of the
+    // sector keeps the parent's bytes.
+    let unit = u64::from(parent.sector_sizes().logical).max(512);
+    let child_is_vhdx = top.info().format == "vhdx";
+    let copied = {
+        let mut into = InPlace(parent.as_ref());
+        copy_layer(top.as_ref(), &mut into, unit, size, cancel, progress)
+    };
+    // Flushed whatever happened: what was written stays consistent by the format's rules.
     parent.flush()?;
+    copied?;
     drop(top);
-    if parent_format == Format::Vhdx {
+    if child_is_vhdx {
         relink(image, &parent_path, parent.as_ref(), opts)?;
     }
     Ok(parent_path)
+}
+
+/// The parent, written in place through the interface [`copy_layer`] writes to.
+struct InPlace<'a>(&'a dyn BlockDevice);
+
+impl ImageWriter for InPlace<'_> {
+    fn granularity(&self) -> u64 {
+        u64::from(self.0.sector_sizes().logical).max(512)
+    }
+    fn write_data(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        self.0.write_at(data, offset)
+    }
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<()> {
+        self.0.write_zeroes(offset, len, false)
+    }
+    fn finish(self: Box<Self>) -> Result<()> {
+        self.0.flush()
+    }
 }
 
 /// The first offset at or after `from` where the top layer of `top` holds data, if any.

@@ -229,22 +229,23 @@ fn write_layer(
         Format::Qcow2 => writer.granularity().max(512),
         _ => 4096u64.min(writer.granularity().max(512)),
     };
-    copy_layer(layer, writer.as_mut(), unit, cancel, progress)?;
+    copy_layer(layer, writer.as_mut(), unit, size, cancel, progress)?;
     writer.finish()?;
     pending.publish()
 }
 
-/// Copies one layer's own ranges to `writer` in whole units: a unit the layer covers only in
-/// part is read through the layer, so its other bytes carry the parent's data (a writer fills
-/// the rest of a partial unit with zeros, which would hide the parent's bytes).
-fn copy_layer(
+/// Copies one layer's own ranges, up to `size`, to `writer` in whole units: a unit the layer
+/// covers only in part is read through the layer, so its other bytes carry the parent's data
+/// (a writer fills the rest of a partial unit with zeros, which would hide the parent's bytes).
+pub(crate) fn copy_layer(
     layer: &dyn BlockDevice,
     writer: &mut dyn ImageWriter,
     unit: u64,
+    size: u64,
     cancel: Option<&AtomicBool>,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<()> {
-    let size = layer.size();
+    let size = size.min(layer.size());
     let mut pos = 0u64;
     // End of what was already handed to the writer (writes must increase): always a unit
     // boundary or the end of the disk.

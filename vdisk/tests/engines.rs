@@ -599,3 +599,53 @@ fn vhdx_with_4096_byte_sectors_keeps_them() {
         "libvhdi reads the 4096-byte-sector output differently"
     );
 }
+
+/// A qcow2 overlay with 2 KiB subclusters over a VHDX with 4096-byte sectors: commit writes
+/// whole parent sectors (the part the child does not cover keeps the parent's bytes), and a
+/// child that is not a VHDX is left as it is (no relink).
+#[test]
+fn commit_of_subclusters_into_a_4096_byte_sector_vhdx() {
+    require_tool("qemu-img");
+    let d = tempfile::tempdir().unwrap();
+    let raw = d.path().join("disk.raw");
+    random_raw(&raw, 8 * MIB, 23);
+    let parent = d.path().join("parent.vhdx");
+    let mut o = ConvertOptions::new(Format::Vhdx);
+    o.options = vec![("logical_sector_size".into(), "4096".into())];
+    vdisk::convert(open(&raw).as_ref(), &parent, &o, None, &mut |_, _| {}).unwrap();
+    // qemu cannot open a 4096-byte-sector VHDX: write the overlay alone, then attach it.
+    let top = d.path().join("top.qcow2");
+    sh(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "extended_l2=on",
+        top.to_str().unwrap(),
+        "8M",
+    ]);
+    io(&top, &["write -P 0x5a 1024 512", "write -P 0x5b 3M 6k"]);
+    sh(&[
+        "rebase",
+        "-u",
+        "-f",
+        "qcow2",
+        "-b",
+        "parent.vhdx",
+        "-F",
+        "vhdx",
+        top.to_str().unwrap(),
+    ]);
+    let child = open(&top);
+    let e = child.block_status(0, MIB).unwrap();
+    assert_eq!((e.kind, e.len), (blockdev::ExtentKind::Data, 2048), "{e:?}");
+    let want = sha256_device(child.as_ref());
+    drop(child);
+    vdisk::commit(&top, &OpenOptions::default(), None, &mut |_, _| {}).unwrap();
+    let merged = open(&parent);
+    assert_eq!(merged.sector_sizes().logical, 4096);
+    assert_eq!(sha256_device(merged.as_ref()), want);
+    assert_eq!(sha256_device(open(&top).as_ref()), want);
+    assert_eq!(testsupport::pyvhdi_sha256(&parent, None), want);
+}

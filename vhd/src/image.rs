@@ -14,8 +14,8 @@ use serde_json::{json, Value};
 use crate::bat::table::{self, Region, Validation};
 use crate::format::{
     bit_lsb, bit_msb, bitmap_size, fourcc_text, set_bit_lsb, set_bit_msb, BatmapHeader, DiskType,
-    DynHeader, Footer, BATMAP_VERSION, BAT_UNUSED, FOOTER_SIZE, HEADER_SIZE, MAX_DYNAMIC_SIZE,
-    SECTOR, VHD_EPOCH_OFFSET,
+    DynHeader, Footer, BAT_UNUSED, FOOTER_SIZE, HEADER_SIZE, MAX_DYNAMIC_SIZE, SECTOR,
+    VHD_EPOCH_OFFSET,
 };
 use crate::header::{
     compare_copy, parent_candidates, parent_missing, read_footer, read_header, read_locators,
@@ -642,6 +642,9 @@ impl VhdImage {
             self.bitmap_set(d, &mut map, s);
         }
         if map != before {
+            // The data must be durable before a bit says it is there (§3.3 order, as for a
+            // new block): a crash between the two would otherwise hide the parent's sectors.
+            self.storage.flush()?;
             self.storage.write_at(&map, at)?;
         }
         self.update_batmap(d, blk, &map)
@@ -669,12 +672,15 @@ impl VhdImage {
             .get(sector as usize..(sector + SECTOR) as usize)
             .unwrap_or_default();
         self.storage.write_at(chunk, bh.offset + sector)?;
-        let nh = BatmapHeader {
-            checksum: BatmapHeader::map_checksum(bm, BATMAP_VERSION),
-            version: BATMAP_VERSION,
-            ..bh
-        };
-        self.storage.write_at(&nh.to_bytes(), hoff)?;
+        // Only the checksum changes: the header's version, marker and keyhash (bytes 28..)
+        // stay as blktap wrote them.
+        let mut head = [0u8; SECTOR as usize];
+        self.storage.read_at(&mut head, hoff)?;
+        let sum = BatmapHeader::map_checksum(bm, bh.version).to_be_bytes();
+        if let Some(field) = head.get_mut(24..28) {
+            field.copy_from_slice(&sum);
+        }
+        self.storage.write_at(&head, hoff)?;
         Ok(())
     }
 

@@ -300,3 +300,51 @@ fn unreferenced_block_is_a_leak() {
         rep.findings
     );
 }
+
+/// Filling a block of a Xen (`tap`) VHD updates the batmap and its checksum, and leaves the
+/// header's other fields (version, marker, keyhash) as they were.
+#[test]
+fn xen_batmap_update_keeps_the_header_fields() {
+    let m = Arc::new(MemStorage::new());
+    let mut o = CreateOptions::dynamic(SIZE);
+    o.block_size = BS;
+    o.dialect = Dialect::Xen;
+    create(m.as_ref(), &o).unwrap();
+    let mut bytes = m.to_vec();
+    let hoff = bytes
+        .windows(8)
+        .position(|w| w == vhd::format::BATMAP_COOKIE)
+        .expect("batmap header");
+    // What blktap keeps after the checksum: a marker and a key hash.
+    for (i, b) in bytes[hoff + 28..hoff + 28 + 37].iter_mut().enumerate() {
+        *b = 0x40 + i as u8;
+    }
+    let tail = bytes[hoff + 20..hoff + 24].to_vec();
+    let sum = bytes[hoff + 24..hoff + 28].to_vec();
+    let kept = bytes[hoff + 28..hoff + 512].to_vec();
+    let st = Arc::new(MemStorage::from_vec(bytes));
+    let img = open_rw(&st, &DenyGate);
+    assert_eq!(img.info().format_specific["batmap_valid"], true);
+    let mut block = vec![0u8; BS as usize];
+    TestRng::new(5).fill(&mut block);
+    img.write_at(&block, u64::from(BS)).unwrap();
+    img.flush().unwrap();
+    drop(img);
+    let after = st.to_vec();
+    assert_eq!(after[hoff + 20..hoff + 24], tail[..], "version changed");
+    assert_ne!(
+        after[hoff + 24..hoff + 28],
+        sum[..],
+        "the batmap was not updated"
+    );
+    assert_eq!(
+        after[hoff + 28..hoff + 512],
+        kept[..],
+        "marker or keyhash lost"
+    );
+    let img = open_rw(&st, &DenyGate);
+    assert_eq!(img.info().format_specific["batmap_valid"], true);
+    let mut got = vec![0u8; BS as usize];
+    img.read_at(&mut got, u64::from(BS)).unwrap();
+    assert!(got == block);
+}
