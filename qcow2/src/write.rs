@@ -288,7 +288,9 @@ impl Qcow2Image {
             }
             let start = self.alloc_clusters(st, t + k)? / cs;
             if start != cursor {
-                st.next_free = cursor;
+                // Clusters at the cursor are in use: plan again from the free run found, which
+                // moves forward every time (retrying at the same cursor never ended).
+                st.next_free = start;
                 continue;
             }
             break (start, t, blocks);

@@ -307,7 +307,9 @@ impl VhdImage {
                 ));
             }
         }
-        let alloc_at = end_limit;
+        // New blocks start on a sector (BAT entries count sectors), even after a footer that
+        // does not.
+        let alloc_at = end_limit.div_ceil(SECTOR).saturating_mul(SECTOR);
         image.locators = locators;
         image.dynamic = Some(Dyn {
             header: h.clone(),

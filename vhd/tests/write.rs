@@ -348,3 +348,32 @@ fn xen_batmap_update_keeps_the_header_fields() {
     img.read_at(&mut got, u64::from(BS)).unwrap();
     assert!(got == block);
 }
+
+/// A dynamic VHD whose trailing footer does not start on a sector (padding before it): a new
+/// block still starts on a sector, where its BAT entry points.
+#[test]
+fn new_block_after_an_unaligned_footer() {
+    let m = MemStorage::new();
+    let o = CreateOptions::dynamic(SIZE);
+    create(&m, &o).unwrap();
+    let mut bytes = m.to_vec();
+    let footer = bytes.split_off(bytes.len() - 512);
+    bytes.extend_from_slice(&[0u8; 100]);
+    bytes.extend_from_slice(&footer);
+    let st = Arc::new(MemStorage::from_vec(bytes));
+    let img = open_rw(&st, &DenyGate);
+    let mut data = vec![0u8; 300_000];
+    TestRng::new(8).fill(&mut data);
+    img.write_at(&data, 4096).unwrap();
+    img.flush().unwrap();
+    drop(img);
+    let img = open_rw(&st, &DenyGate);
+    let mut got = vec![0u8; data.len()];
+    img.read_at(&mut got, 4096).unwrap();
+    assert!(
+        got == data,
+        "the block was written where its BAT entry does not point"
+    );
+    let rep = img.check().unwrap();
+    assert_eq!(rep.corruptions(), 0, "{:?}", rep.findings);
+}

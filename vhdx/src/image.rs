@@ -663,6 +663,18 @@ impl VhdxImage {
         pos: u64,
         len: u64,
     ) -> Result<()> {
+        self.put_bits(pending, sb_off, pos, len, true)
+    }
+
+    /// Sets (`on`) or clears the sector bitmap bits of guest range `[pos, pos+len)`.
+    fn put_bits(
+        &self,
+        pending: &mut BTreeMap<u64, Vec<u8>>,
+        sb_off: u64,
+        pos: u64,
+        len: u64,
+        on: bool,
+    ) -> Result<()> {
         let ls = u64::from(self.geom.logical);
         let mut s = pos / ls;
         let end = (pos + len).div_ceil(ls);
@@ -672,7 +684,11 @@ impl VhdxImage {
             let so = byte & !(LOG_SECTOR - 1);
             let sec = self.sector(pending, so)?;
             if let Some(b) = sec.get_mut((byte - so) as usize) {
-                *b |= 1 << (idx % 8);
+                if on {
+                    *b |= 1 << (idx % 8);
+                } else {
+                    *b &= !(1 << (idx % 8));
+                }
             }
             s += 1;
         }
@@ -781,6 +797,11 @@ impl VhdxImage {
                             sbe = bat::entry(SB_PRESENT, sb);
                             self.set_entry(&mut pending, &mut newbat, sbi, sbe)?;
                         }
+                        // Bits of a block that was not present mean nothing (another writer
+                        // may have left some set): only the range written is the child's.
+                        let start = blk * bs;
+                        let blen = bs.min(self.meta.disk_size.saturating_sub(start));
+                        self.put_bits(&mut pending, bat::offset(sbe), start, blen, false)?;
                         self.set_bits(&mut pending, bat::offset(sbe), pos, n)?;
                         self.set_entry(
                             &mut pending,

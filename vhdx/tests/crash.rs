@@ -350,3 +350,73 @@ fn crash_while_relinking() {
         }
     }
 }
+
+/// A block that is not present but whose chunk's sector bitmap still has bits set for it (left
+/// by another writer): a partial write makes only the written sectors the child's, the rest
+/// still reads from the parent.
+#[test]
+fn stale_bitmap_bits_of_a_block_not_present_are_cleared() {
+    let size = 4 * MIB;
+    let pdata = fill(size as usize, 9);
+    let pbytes = {
+        let m = Arc::new(blockdev::MemStorage::from_vec(create_mem(&CreateOptions {
+            size,
+            block_size: MIB,
+            ..CreateOptions::default()
+        })));
+        let p = open_with(Box::new(m.clone()), true, &DirGate::new(), 0).unwrap();
+        p.write_at(&pdata, 0).unwrap();
+        p.flush().unwrap();
+        drop(p);
+        m.to_vec()
+    };
+    let parent = open_with(
+        Box::new(blockdev::MemStorage::read_only(pbytes.clone())),
+        false,
+        &DirGate::new(),
+        0,
+    )
+    .unwrap();
+    let child = create_mem(&CreateOptions {
+        block_size: MIB,
+        parent: Some(link_of(&parent)),
+        ..CreateOptions::default()
+    });
+    let gate = MemGate { parent: pbytes };
+    let m = Arc::new(blockdev::MemStorage::from_vec(child));
+    // A partial write in block 1 sets bits there; then the block is marked NOT_PRESENT by
+    // hand, as another writer could leave it, with its bits still set.
+    let img = open_with(Box::new(m.clone()), true, &gate, 0).unwrap();
+    img.write_at(&fill(MIB as usize / 2, 1), MIB).unwrap();
+    img.flush().unwrap();
+    drop(img);
+    let mut bytes = m.to_vec();
+    let hs = vhdx::header::read_headers(&blockdev::MemStorage::read_only(bytes.clone())).unwrap();
+    let h = hs.current.clone();
+    let regions = vhdx::header::read_regions(
+        &blockdev::MemStorage::read_only(bytes.clone()),
+        bytes.len() as u64,
+        (h.log_offset, u64::from(h.log_length)),
+    )
+    .unwrap();
+    let geom = vhdx::bat::Geometry::new(size, MIB, 512, true);
+    let at = (regions.bat.offset + 8 * geom.payload(1) as u64) as usize;
+    bytes[at..at + 8].copy_from_slice(&0u64.to_le_bytes());
+    let m = Arc::new(blockdev::MemStorage::from_vec(bytes));
+    let img = open_with(Box::new(m.clone()), true, &gate, 0).unwrap();
+    let mut b = vec![0u8; MIB as usize];
+    img.read_at(&mut b, MIB).unwrap();
+    assert!(
+        b == pdata[MIB as usize..2 * MIB as usize],
+        "block 1 reads the parent"
+    );
+    // Write 4 KiB at the end of block 1: only those sectors are the child's.
+    let mine = fill(4096, 2);
+    img.write_at(&mine, 2 * MIB - 4096).unwrap();
+    img.flush().unwrap();
+    let mut want = pdata[MIB as usize..2 * MIB as usize].to_vec();
+    want[MIB as usize - 4096..].copy_from_slice(&mine);
+    img.read_at(&mut b, MIB).unwrap();
+    assert!(b == want, "the stale bits hid the parent's data");
+    assert_eq!(img.check().unwrap().corruptions(), 0);
+}
