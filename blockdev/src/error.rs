@@ -214,6 +214,14 @@ impl Error {
     pub fn path(&self) -> Option<&Path> {
         self.path.as_deref()
     }
+
+    /// Names `to` instead of `from` (a temporary file, in errors about its destination).
+    pub fn replace_path(mut self, from: &Path, to: &Path) -> Self {
+        if self.path.as_deref() == Some(from) {
+            self.path = Some(to.to_path_buf());
+        }
+        self
+    }
 }
 
 impl fmt::Display for Error {

@@ -248,6 +248,9 @@ pub enum Command {
         /// Show a progress bar.
         #[arg(short = 'p')]
         progress_flag: bool,
+        /// Keep the child as it is (qemu-img's -d): always the case here, accepted for scripts.
+        #[arg(short = 'd')]
+        keep: bool,
         /// Open options.
         #[command(flatten)]
         open: OpenArgs,

@@ -109,9 +109,14 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> Result<Code> {
             image,
             size,
         } => {
+            let format: Format = format.parse()?;
+            let size = size.as_deref().map(parse_size).transpose()?;
+            if let Some(s) = size {
+                check_target_capacity(format, s)?;
+            }
             let opts = vdisk::CreateOptions {
-                format: format.parse()?,
-                size: size.as_deref().map(parse_size).transpose()?,
+                format,
+                size,
                 options: parse_kv_list(&options)?,
                 backing,
                 backing_format: backing_format.as_deref().map(str::parse).transpose()?,
@@ -232,14 +237,19 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> Result<Code> {
         Command::Commit {
             format,
             progress_flag,
+            keep: _,
             open,
             image,
         } => {
             let mut opts = open_options(&open, format.as_deref(), false)?;
             opts.no_backing = false;
             let mut p = Progress::new(ProgressMode::choose(None, progress_flag), "commit");
-            let parent = vdisk::commit(&image, &opts, Some(cancel), &mut |d, t| p.update(d, t))?;
-            p.finish(0);
+            let mut total = 0u64;
+            let parent = vdisk::commit(&image, &opts, Some(cancel), &mut |d, t| {
+                total = t;
+                p.update(d, t)
+            })?;
+            p.finish(total);
             eprintln!("Image committed into {}.", parent.display());
             Ok(Code::Ok)
         }
@@ -597,7 +607,14 @@ fn convert(a: ConvertArgs, cancel: &AtomicBool) -> Result<Code> {
         open.open_options.push(format!("snapshot={s}"));
     }
     let opts = open_options(&open, a.format.as_deref(), false)?;
-    let src = vdisk::open(&a.src, &opts)?;
+    let (src, chain) = vdisk::open_with_paths(&a.src, &opts)?;
+    // Replacing the source itself is a re-layout (it is read whole before the rename), but a
+    // lower layer replaced by the flattened output would break the source chain.
+    vdisk::refuse_overwriting(
+        &a.dst,
+        chain.get(1..).unwrap_or_default(),
+        "a parent/backing file of the source",
+    )?;
 
     let mut out_opts = parse_kv_list(&a.options)?;
     let mut size = None;
@@ -733,11 +750,12 @@ fn check_target_capacity(format: Format, size: u64) -> Result<()> {
     let (max, what) = match format {
         Format::Vhd => (2040u64 << 30, "2040 GiB"),
         Format::Vhdx => (64u64 << 40, "64 TiB"),
-        _ => return Ok(()),
+        // A file offset is signed 64-bit.
+        _ => (i64::MAX as u64, "8 EiB"),
     };
     if size > max {
         return Err(Error::invalid_argument(format!(
-            "the source is {size} bytes; {format} holds at most {what}"
+            "{size} bytes is more than {format} can hold (at most {what})"
         )));
     }
     Ok(())

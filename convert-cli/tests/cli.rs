@@ -371,3 +371,58 @@ fn keep_chain_then_commit_from_the_command_line() {
     let (code, out, err) = run(vdconv().arg("check").arg(&dst));
     assert_eq!(code, 0, "{out}{err}");
 }
+
+#[test]
+fn outputs_never_replace_what_they_are_made_from() {
+    let d = tempfile::tempdir().unwrap();
+    let p = |n: &str| d.path().join(n);
+    // A missing image is an I/O error (exit 1), not a missing parent (exit 6).
+    let (code, _, err) = run(vdconv().arg("info").arg(p("missing.qcow2")));
+    assert_eq!(code, 1, "{err}");
+    let ok = |c: &mut Command| {
+        let (code, out, err) = run(c);
+        assert_eq!(code, 0, "{out}{err}");
+    };
+    ok(vdconv()
+        .args(["create", "-f", "qcow2"])
+        .arg(p("base.qcow2"))
+        .arg("4M"));
+    ok(vdconv()
+        .args(["create", "-f", "qcow2", "-b", "base.qcow2"])
+        .arg(p("top.qcow2")));
+    let base = sha256_file(&p("base.qcow2"));
+    let refused = |c: &mut Command, what: &str| {
+        let (code, out, err) = run(c);
+        assert_eq!(code, 2, "{what}: {out}{err}");
+        assert!(err.contains("would destroy"), "{what}: {err}");
+        assert_eq!(sha256_file(&p("base.qcow2")), base, "{what}: base replaced");
+    };
+    // An image over itself (it would loop onto itself).
+    refused(
+        vdconv()
+            .args(["create", "-f", "qcow2", "--force", "-b", "base.qcow2"])
+            .arg(p("base.qcow2")),
+        "create -b itself",
+    );
+    // A delta over the base it replaces.
+    refused(
+        vdconv()
+            .args(["convert", "-O", "qcow2", "--force", "-B", "base.qcow2"])
+            .arg(p("top.qcow2"))
+            .arg(p("base.qcow2")),
+        "convert -B onto the base",
+    );
+    // A flattened copy over the source's own parent.
+    refused(
+        vdconv()
+            .args(["convert", "-O", "qcow2", "--force"])
+            .arg(p("top.qcow2"))
+            .arg(p("base.qcow2")),
+        "convert onto the source's parent",
+    );
+    // Re-laying out the source itself stays allowed: it is read whole before the rename.
+    ok(vdconv()
+        .args(["convert", "-O", "qcow2", "--force"])
+        .arg(p("base.qcow2"))
+        .arg(p("base.qcow2")));
+}

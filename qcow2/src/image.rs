@@ -514,9 +514,10 @@ impl Qcow2Image {
         let mut info = ImageInfo::new("qcow2", h.size);
         info.cluster_size = Some(h.cluster_size());
         info.actual_size = self.storage.len().ok();
+        // The stable schema's names: an overlay is qcow2's differencing image.
         info.subformat = Some(
             if h.backing_file.is_some() {
-                "overlay"
+                "differencing"
             } else {
                 "dynamic"
             }

@@ -105,11 +105,13 @@ pub fn convert(
         path: Some(dst),
         limits: &opts.limits,
     };
-    let mut writer = formats::writer(opts.format, Box::new(storage), &spec)?;
-    let report = fill(src, writer.as_mut(), opts, cancel, progress)?;
+    let tmp = pending.tmp_path().to_path_buf();
+    let named = |e: Error| e.replace_path(&tmp, dst);
+    let mut writer = formats::writer(opts.format, Box::new(storage), &spec).map_err(named)?;
+    let report = fill(src, writer.as_mut(), opts, cancel, progress).map_err(named)?;
     writer
         .finish()
-        .map_err(|e| e.context("finishing the output"))?;
+        .map_err(|e| named(e.context("finishing the output")))?;
     if opts.verify {
         verify_output(pending.tmp_path(), opts, src.size(), &report)?;
     }

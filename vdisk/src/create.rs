@@ -6,7 +6,7 @@ use blockdev::{Error, Limits, Result};
 
 use crate::format::Format;
 use crate::formats::{self, CreateSpec, ParentSpec};
-use crate::open::{open, OpenOptions};
+use crate::open::{open_with_paths, OpenOptions};
 use crate::output::PendingOutput;
 
 /// What to create.
@@ -51,7 +51,9 @@ pub fn open_parent(
         limits: limits.clone(),
         ..OpenOptions::default()
     };
-    let device = open(&path, &opts).map_err(|e| e.context("opening the backing image"))?;
+    let (device, chain) =
+        open_with_paths(&path, &opts).map_err(|e| e.context("opening the backing image"))?;
+    refuse_overwriting(new_image, &chain, "the backing file or one of its parents")?;
     let format = match format {
         Some(f) => f,
         None => {
@@ -67,7 +69,25 @@ pub fn open_parent(
         path: abs,
         format,
         device,
+        chain,
     })
+}
+
+/// Refuses to write `dst` when it is one of `files` (`what` says which), even with `--force`:
+/// the new image would destroy what it is made from or linked to (a backing file replaced by
+/// its own child loops onto itself).
+pub fn refuse_overwriting(dst: &Path, files: &[PathBuf], what: &str) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let id = |p: &Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+    if let Some(d) = id(dst) {
+        if files.iter().any(|f| id(f) == Some(d)) {
+            return Err(Error::invalid_argument(format!(
+                "the output is {what}: writing it would destroy the data it depends on; choose another name"
+            ))
+            .with_path(dst));
+        }
+    }
+    Ok(())
 }
 
 /// Creates a new image at `path`, atomically.
@@ -93,6 +113,8 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
         path: Some(path),
         limits: &opts.limits,
     };
-    formats::create(opts.format, Box::new(storage), &spec)?;
+    let tmp = pending.tmp_path().to_path_buf();
+    formats::create(opts.format, Box::new(storage), &spec)
+        .map_err(|e| e.replace_path(&tmp, path))?;
     pending.publish()
 }

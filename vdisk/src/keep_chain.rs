@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use blockdev::{BlockDevice, Error, ErrorKind, ExtentKind, ImageWriter, Result};
 
 use crate::convert::{convert, ConvertOptions};
-use crate::create::open_parent;
+use crate::create::{open_parent, refuse_overwriting};
 use crate::format::Format;
 use crate::formats::{self, CreateSpec};
 use crate::open::{open_with_paths, OpenOptions};
@@ -155,11 +155,6 @@ fn check_plan(
             )));
         }
     }
-    let ids = |p: &Path| {
-        use std::os::unix::fs::MetadataExt;
-        std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()))
-    };
-    let sources: Vec<(u64, u64)> = paths.iter().filter_map(|p| ids(p)).collect();
     for (i, out) in outs.iter().enumerate() {
         if outs.iter().take(i).any(|o| o == out) {
             return Err(Error::invalid_argument(format!(
@@ -167,12 +162,7 @@ fn check_plan(
                 out.display()
             )));
         }
-        if ids(out).is_some_and(|id| sources.contains(&id)) {
-            return Err(Error::invalid_argument(format!(
-                "{} is a file of the source chain: --keep-chain would replace it; write the chain to another directory",
-                out.display()
-            )));
-        }
+        refuse_overwriting(out, paths, "a file of the source chain (--keep-chain)")?;
     }
     Ok(())
 }

@@ -31,7 +31,7 @@ pub mod view;
 pub use commit::commit;
 pub use compare::{compare, first_nonzero, CompareResult};
 pub use convert::{convert, ConvertOptions, ConvertReport};
-pub use create::{create, open_parent, CreateOptions};
+pub use create::{create, open_parent, refuse_overwriting, CreateOptions};
 pub use digest::{digest, DigestAlgorithm};
 pub use format::Format;
 pub use keep_chain::{convert_chain, LayerOutput};

@@ -79,13 +79,10 @@ impl ChainGate {
 
     /// Opens the top image of a chain.
     pub fn open_top(&self, path: &Path) -> Result<Box<dyn BlockDevice>> {
+        // A missing top image is a plain I/O error (exit 1): `BackingNotFound` is for the
+        // files an image names.
         let md = std::fs::metadata(path).map_err(|e| {
-            let kind = if e.kind() == std::io::ErrorKind::NotFound {
-                ErrorKind::BackingNotFound
-            } else {
-                ErrorKind::Io
-            };
-            Error::new(kind, "cannot open")
+            Error::new(ErrorKind::Io, "cannot open")
                 .with_source(e)
                 .with_path(path)
         })?;

@@ -50,7 +50,7 @@ impl PendingOutput {
                     ))
                 }
                 Err(e) if e.kind() == ErrorKind::AlreadyExists => last_err = Some(e),
-                Err(e) => return Err(e),
+                Err(e) => return Err(e.replace_path(&tmp, dst)),
             }
         }
         Err(last_err.unwrap_or_else(|| Error::new(ErrorKind::Io, "cannot create a temporary file")))

@@ -45,6 +45,8 @@ pub struct ParentSpec {
     pub format: Format,
     /// The opened parent (read-only), for its identity and size.
     pub device: Box<dyn BlockDevice>,
+    /// The files of the parent's chain, the parent first.
+    pub chain: Vec<PathBuf>,
 }
 
 /// What to create.
