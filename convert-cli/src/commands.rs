@@ -142,8 +142,24 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> Result<Code> {
             a,
             b,
         } => {
-            let da = open_image(&a, format_a.as_deref(), &open, false)?;
-            let db = open_image(&b, format_b.as_deref(), &open, false)?;
+            // One set of open options for two images: each gets the ones its format uses.
+            let all = parse_kv_list(&open.open_options)?;
+            let (oa, ob) = (
+                options_for(&a, format_a.as_deref(), &all)?,
+                options_for(&b, format_b.as_deref(), &all)?,
+            );
+            if let Some((k, _)) = all.iter().find(|o| !oa.contains(o) && !ob.contains(o)) {
+                return Err(Error::invalid_argument(format!(
+                    "neither image has the open option '{k}'"
+                )));
+            }
+            let with = |path: &Path, format: Option<&str>, opts: Vec<(String, String)>| {
+                let mut o = open_options(&open, format, false)?;
+                o.format_options = opts;
+                vdisk::open(path, &o)
+            };
+            let da = with(&a, format_a.as_deref(), oa)?;
+            let db = with(&b, format_b.as_deref(), ob)?;
             let r = vdisk::compare(da.as_ref(), db.as_ref(), strict)?;
             match output {
                 OutputFormat::Json => outln!(
@@ -274,6 +290,27 @@ fn open_options(open: &OpenArgs, format: Option<&str>, writable: bool) -> Result
         limits: blockdev::Limits::default(),
         format_options: parse_kv_list(&open.open_options)?,
     })
+}
+
+/// The options of `all` that the format of the image at `path` (named, or probed) uses.
+fn options_for(
+    path: &Path,
+    format: Option<&str>,
+    all: &[(String, String)],
+) -> Result<Vec<(String, String)>> {
+    if all.is_empty() {
+        return Ok(Vec::new());
+    }
+    let f: Format = match format {
+        Some(f) => f.parse()?,
+        None => vdisk::probe(&blockdev::FileStorage::open(path, false)?)?,
+    };
+    let keys = vdisk::formats::open_option_keys(f);
+    Ok(all
+        .iter()
+        .filter(|(k, _)| keys.contains(&k.as_str()))
+        .cloned()
+        .collect())
 }
 
 fn open_image(

@@ -426,3 +426,33 @@ fn outputs_never_replace_what_they_are_made_from() {
         .arg(p("base.qcow2"))
         .arg(p("base.qcow2")));
 }
+
+#[test]
+fn open_options_a_format_does_not_use_are_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let raw = d.path().join("b.raw");
+    let vhd = d.path().join("b.vhd");
+    let (code, _, err) = run(vdconv().args(["create", "-f", "raw"]).arg(&raw).arg("1M"));
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = run(vdconv().args(["create", "-f", "vhd"]).arg(&vhd).arg("1M"));
+    assert_eq!(code, 0, "{err}");
+    // A snapshot of a format without snapshots is an error, not the current data.
+    let (code, _, err) = run(vdconv()
+        .args(["convert", "-O", "raw", "-l", "snap1"])
+        .arg(&raw)
+        .arg(d.path().join("o.raw")));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("no open option 'snapshot'"), "{err}");
+    assert!(!d.path().join("o.raw").exists());
+    // compare gives each image the options its format uses; one neither uses is refused.
+    let (code, out, err) = run(vdconv()
+        .args(["compare", "--open-option", "size_rule=chs"])
+        .arg(&vhd)
+        .arg(&raw));
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, _, err) = run(vdconv()
+        .args(["compare", "--open-option", "bogus=1"])
+        .arg(&vhd)
+        .arg(&raw));
+    assert_eq!(code, 2, "{err}");
+}

@@ -63,12 +63,35 @@ pub struct CreateSpec<'a> {
     pub limits: &'a Limits,
 }
 
-/// Opens `storage` as `format`.
+/// The open options `format` uses.
+pub fn open_option_keys(format: Format) -> &'static [&'static str] {
+    match format {
+        Format::Vhd => &["size_rule"],
+        Format::Qcow2 => &["snapshot"],
+        Format::Raw | Format::Vhdx => &[],
+    }
+}
+
+/// Opens `storage` as `format`. Open options (the top image's only) must be ones `format`
+/// uses: one it ignores (`snapshot=` on a format without snapshots) is an error, not a no-op.
 pub fn open(
     format: Format,
     storage: Box<dyn Storage>,
     ctx: &OpenCtx<'_>,
 ) -> Result<Box<dyn BlockDevice>> {
+    let known = open_option_keys(format);
+    for (k, _) in ctx.options {
+        if !known.contains(&k.as_str()) {
+            return Err(Error::invalid_argument(format!(
+                "{format} has no open option '{k}' (it has: {})",
+                if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.join(", ")
+                }
+            )));
+        }
+    }
     match format {
         Format::Raw => raw::open(storage, ctx),
         Format::Vhd => vhd::open(storage, ctx),
