@@ -110,14 +110,20 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> Result<Code> {
             size,
         } => {
             let format: Format = format.parse()?;
-            let size = size.as_deref().map(parse_size).transpose()?;
+            let size = size
+                .as_deref()
+                .map(parse_size)
+                .transpose()?
+                .map(|s| whole_sectors(s, format));
+            let options = parse_kv_list(&options)?;
+            let backing_format = backing_fmt_of(backing_format, &options)?;
             if let Some(s) = size {
                 check_target_capacity(format, s)?;
             }
             let opts = vdisk::CreateOptions {
                 format,
                 size,
-                options: parse_kv_list(&options)?,
+                options,
                 backing,
                 backing_format: backing_format.as_deref().map(str::parse).transpose()?,
                 force,
@@ -290,6 +296,34 @@ fn open_options(open: &OpenArgs, format: Option<&str>, writable: bool) -> Result
         limits: blockdev::Limits::default(),
         format_options: parse_kv_list(&open.open_options)?,
     })
+}
+
+/// `size` rounded up to whole 512-byte sectors, with a notice when that changes it: every
+/// format but raw counts sectors, and qemu-img rounds the same way.
+fn whole_sectors(size: u64, format: Format) -> u64 {
+    let s = size.div_ceil(512).saturating_mul(512);
+    if s != size {
+        eprintln!(
+            "vdconv: notice: virtual size rounded up from {size} to {s} bytes (whole 512-byte sectors, for {format} as for qemu-img)"
+        );
+    }
+    s
+}
+
+/// `-F`, or qemu-img's `-o backing_fmt=` when `-F` is absent; both must agree.
+fn backing_fmt_of(flag: Option<String>, options: &[(String, String)]) -> Result<Option<String>> {
+    let opt = options
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "backing_fmt")
+        .map(|(_, v)| v.clone());
+    match (flag, opt) {
+        (Some(f), Some(o)) if f.parse::<Format>()? != o.parse::<Format>()? => Err(
+            Error::invalid_argument(format!("-F {f} and -o backing_fmt={o} disagree")),
+        ),
+        (Some(f), _) => Ok(Some(f)),
+        (None, o) => Ok(o),
+    }
 }
 
 /// The options of `all` that the format of the image at `path` (named, or probed) uses.
@@ -556,17 +590,21 @@ fn check(
     // Check reads one layer's metadata: parents are not needed.
     opts.no_backing = true;
     if let Some(r) = repair {
-        if r != "leaks" && r != "all" {
+        if r != "leaks" {
             return Err(Error::invalid_argument(format!(
-                "unknown repair mode '{r}' (expected leaks)"
+                "unsupported repair mode '{r}': only leaks are repaired (-r leaks); corruptions are reported, never rewritten"
             )));
         }
         let fmt = match opts.format {
             Some(f) => f,
             None => vdisk::probe(&blockdev::FileStorage::open(path, false)?)?,
         };
-        let repaired = vdisk::formats::repair_leaks(fmt, path)?;
-        eprintln!("Repaired {repaired} leaked cluster(s).");
+        match vdisk::formats::repair_leaks(fmt, path) {
+            Ok(repaired) => eprintln!("Repaired {repaired} leaked cluster(s)."),
+            // A corrupt image is left alone; the report below shows why (exit 3).
+            Err(e) if e.kind() == ErrorKind::Corrupt => eprintln!("vdconv: notice: {e}"),
+            Err(e) => return Err(e),
+        }
     }
     let dev = vdisk::open(path, &opts)?;
     let report = dev.check()?;
@@ -729,6 +767,9 @@ fn convert(a: ConvertArgs, cancel: &AtomicBool) -> Result<Code> {
         }
         out_opts.push(("compress".to_string(), "on".to_string()));
     }
+    if size.is_none() && out_format != Format::Raw && src.size() % 512 != 0 {
+        size = Some(whole_sectors(src.size(), out_format));
+    }
     check_target_capacity(out_format, size.unwrap_or(src.size()))?;
     let logical = src.sector_sizes().logical;
     if logical != 512 && out_format != Format::Vhdx {
@@ -740,11 +781,12 @@ fn convert(a: ConvertArgs, cancel: &AtomicBool) -> Result<Code> {
         };
         eprintln!("vdconv: notice: the source has {logical}-byte logical sectors; {how}");
     }
+    let backing_format = backing_fmt_of(a.backing_format.clone(), &out_opts)?;
     let backing = match &a.backing {
         Some(r) => Some(vdisk::open_parent(
             &a.dst,
             r,
-            a.backing_format.as_deref().map(str::parse).transpose()?,
+            backing_format.as_deref().map(str::parse).transpose()?,
             &blockdev::Limits::default(),
         )?),
         None => None,

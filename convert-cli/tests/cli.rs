@@ -456,3 +456,106 @@ fn open_options_a_format_does_not_use_are_refused() {
         .arg(&raw));
     assert_eq!(code, 2, "{err}");
 }
+
+#[test]
+fn check_repair_modes() {
+    require_tool("qemu-img");
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("c.qcow2");
+    assert_eq!(
+        run(Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&img)
+            .arg("4M"))
+        .0,
+        0
+    );
+    assert_eq!(
+        run(Command::new("qemu-io")
+            .args(["-c", "write -P 0x61 0 64k"])
+            .arg(&img))
+        .0,
+        0
+    );
+    // qemu-img's `-r all` also rewrites corruptions: refused, nothing is touched.
+    let before = sha256_file(&img);
+    let (code, _, err) = run(vdconv().args(["check", "-r", "all"]).arg(&img));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("only leaks are repaired"), "{err}");
+    assert_eq!(sha256_file(&img), before);
+    // Corrupt the L2 pointer: `-r leaks` leaves the image alone and reports it (exit 3).
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&img)
+            .unwrap();
+        let mut h = [0u8; 48];
+        f.read_exact_at(&mut h, 0).unwrap();
+        let l1 = u64::from_be_bytes(h[40..48].try_into().unwrap());
+        f.write_all_at(&((1u64 << 63) | (1u64 << 40)).to_be_bytes(), l1)
+            .unwrap();
+    }
+    let before = sha256_file(&img);
+    let (code, out, err) = run(vdconv().args(["check", "-r", "leaks"]).arg(&img));
+    assert_eq!(code, 3, "{out}{err}");
+    assert!(err.contains("leak repair refused"), "{err}");
+    assert!(out.contains("ERROR"), "{out}");
+    assert_eq!(sha256_file(&img), before, "a corrupt image was modified");
+}
+
+#[test]
+fn sizes_round_to_sectors_and_backing_fmt_is_honoured() {
+    let d = tempfile::tempdir().unwrap();
+    let p = |n: &str| d.path().join(n);
+    let ok = |c: &mut Command| {
+        let (code, out, err) = run(c);
+        assert_eq!(code, 0, "{out}{err}");
+        err
+    };
+    let err = ok(vdconv()
+        .args(["create", "-f", "vhd"])
+        .arg(p("a.vhd"))
+        .arg("1000"));
+    assert!(err.contains("rounded up from 1000 to 1024"), "{err}");
+    // An 11-byte raw converts to a one-sector VHD that compares equal (zeros after).
+    std::fs::write(p("odd.raw"), b"hello world").unwrap();
+    let err = ok(vdconv()
+        .args(["convert", "-O", "vhd"])
+        .arg(p("odd.raw"))
+        .arg(p("odd.vhd")));
+    assert!(err.contains("rounded up from 11 to 512"), "{err}");
+    ok(vdconv().arg("compare").arg(p("odd.raw")).arg(p("odd.vhd")));
+    // -o backing_fmt is -F: it decides how the backing file is opened and recorded.
+    ok(vdconv()
+        .args(["create", "-f", "qcow2"])
+        .arg(p("base.qcow2"))
+        .arg("1M"));
+    ok(vdconv()
+        .args([
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-o",
+            "backing_fmt=raw",
+        ])
+        .arg(p("c.qcow2")));
+    let (_, out, _) = run(vdconv()
+        .args(["info", "--output", "json"])
+        .arg(p("c.qcow2")));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["backing"]["format"], "raw", "{v}");
+    let (code, _, err) = run(vdconv()
+        .args(["create", "-f", "qcow2", "-o", "backing_fmt=raw"])
+        .arg(p("d.qcow2"))
+        .arg("1M"));
+    assert_eq!(code, 2, "{err}");
+    let (code, _, err) = run(vdconv()
+        .args(["create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2"])
+        .args(["-o", "backing_fmt=raw"])
+        .arg(p("e.qcow2")));
+    assert_eq!(code, 2, "{err}");
+}

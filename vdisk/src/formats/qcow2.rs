@@ -117,6 +117,20 @@ fn create_options(spec: &CreateSpec<'_>) -> Result<CreateOptions> {
     if let Some(v) = option(o_, "lazy_refcounts") {
         o.lazy_refcounts = on_off("lazy_refcounts", v)?;
     }
+    match (option(o_, "backing_fmt"), spec.parent) {
+        (Some(_), None) => {
+            return Err(Error::invalid_argument(
+                "backing_fmt needs a backing file (-b/-B)",
+            ))
+        }
+        (Some(f), Some(p)) if f.parse::<Format>()? != p.format => {
+            return Err(Error::invalid_argument(format!(
+                "backing_fmt={f}, but the backing file was opened as {} (name it with -F)",
+                p.format
+            )))
+        }
+        _ => {}
+    }
     if let Some(p) = spec.parent {
         o.backing_file = Some(p.reference.clone());
         o.backing_format = Some(
