@@ -88,13 +88,27 @@ struct CrashState {
     durable: Vec<u8>,
     ops: u64,
     crashed: bool,
+    /// Writes and truncations since the last flush, in order.
+    unflushed: Vec<Unflushed>,
+}
+
+#[derive(Debug, Clone)]
+enum Unflushed {
+    Write(usize, Vec<u8>),
+    SetLen(usize),
 }
 
 /// In-memory storage with volatile and durable copies, and an optional crash point.
+///
+/// By default a crash keeps exactly what was flushed. With [`CrashStorage::reordering`], a
+/// crash also keeps a pseudo-random subset of the writes made since the last flush (a disk
+/// may persist them in any order): a format that relies on the order of unflushed writes
+/// shows up as a state that is neither old nor new.
 #[derive(Debug)]
 pub struct CrashStorage {
     state: Mutex<CrashState>,
     crash_after: Option<u64>,
+    reorder: Option<u64>,
 }
 
 impl CrashStorage {
@@ -105,11 +119,19 @@ impl CrashStorage {
             state: Mutex::new(CrashState {
                 volatile: data.clone(),
                 durable: data,
-                ops: 0,
-                crashed: false,
+                ..CrashState::default()
             }),
             crash_after,
+            reorder: None,
         }
+    }
+
+    /// Like [`CrashStorage::new`], and a crash keeps, besides what was flushed, the subset of
+    /// the unflushed writes that `seed` picks (each with even odds, applied in order).
+    pub fn reordering(data: Vec<u8>, crash_after: Option<u64>, seed: u64) -> Self {
+        let mut c = CrashStorage::new(data, crash_after);
+        c.reorder = Some(seed);
+        c
     }
 
     /// Mutating operations performed (or attempted) so far.
@@ -124,12 +146,35 @@ impl CrashStorage {
 
     /// What survives a power cut now: the durable copy, as a fresh writable storage.
     pub fn crash_image(&self) -> MemStorage {
-        MemStorage::from_vec(
-            self.state
-                .lock()
-                .map(|s| s.durable.clone())
-                .unwrap_or_default(),
-        )
+        let Ok(st) = self.state.lock() else {
+            return MemStorage::new();
+        };
+        let mut img = st.durable.clone();
+        if let Some(seed) = self.reorder {
+            // xorshift64*: a fixed sequence of choices per seed.
+            let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+            for op in &st.unflushed {
+                x ^= x >> 12;
+                x ^= x << 25;
+                x ^= x >> 27;
+                if x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 63 == 0 {
+                    continue;
+                }
+                match op {
+                    Unflushed::Write(start, data) => {
+                        let end = start + data.len();
+                        if end > img.len() {
+                            img.resize(end, 0);
+                        }
+                        if let Some(dst) = img.get_mut(*start..end) {
+                            dst.copy_from_slice(data);
+                        }
+                    }
+                    Unflushed::SetLen(n) => img.resize(*n, 0),
+                }
+            }
+        }
+        MemStorage::from_vec(img)
     }
 
     /// The volatile contents (what a reader sees before any crash).
@@ -195,6 +240,9 @@ impl Storage for CrashStorage {
         if let Some(dst) = st.volatile.get_mut(start..end) {
             dst.copy_from_slice(buf);
         }
+        if self.reorder.is_some() {
+            st.unflushed.push(Unflushed::Write(start, buf.to_vec()));
+        }
         Ok(())
     }
 
@@ -207,6 +255,9 @@ impl Storage for CrashStorage {
         self.tick(&mut st)?;
         let n = usize::try_from(len).map_err(|_| Error::out_of_bounds(len, 0, 0))?;
         st.volatile.resize(n, 0);
+        if self.reorder.is_some() {
+            st.unflushed.push(Unflushed::SetLen(n));
+        }
         Ok(())
     }
 
@@ -214,6 +265,7 @@ impl Storage for CrashStorage {
         let mut st = self.lock()?;
         self.tick(&mut st)?;
         st.durable = st.volatile.clone();
+        st.unflushed.clear();
         Ok(())
     }
 
@@ -235,6 +287,25 @@ mod tests {
         assert!(c.write_at(&[3], 2).is_err());
         assert!(c.crashed());
         assert_eq!(c.crash_image().to_vec(), vec![1, 0, 0, 0, 0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn reordering_crash_keeps_a_subset_of_unflushed_writes() {
+        let mut seen = std::collections::HashSet::new();
+        for seed in 0..32 {
+            let c = CrashStorage::reordering(vec![0; 4], Some(3), seed);
+            c.write_at(&[1], 0).unwrap();
+            c.write_at(&[2], 1).unwrap();
+            c.write_at(&[3], 2).unwrap();
+            assert!(c.flush().is_err());
+            let img = c.crash_image().to_vec();
+            for (i, v) in [1u8, 2, 3].iter().enumerate() {
+                assert!(matches!(img.get(i), Some(&x) if x == 0 || x == *v));
+            }
+            seen.insert(img);
+        }
+        // Every subset shows up for some seed, including none and all.
+        assert_eq!(seen.len(), 8);
     }
 
     #[test]

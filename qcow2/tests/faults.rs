@@ -142,34 +142,40 @@ fn run_crash(initial: &[u8], sc: Scenario, sample: u64) {
     let total = clean.ops();
     let mut n = 1;
     while n <= total {
-        let st = Arc::new(CrashStorage::new(initial.to_vec(), Some(n)));
-        {
-            let opts = OpenOptions {
-                writable: true,
-                ..OpenOptions::default()
-            };
+        // In order, and with the unflushed writes kept in a subset (a disk's own order).
+        for seed in [None, Some(n), Some(n + 7)] {
+            let st = Arc::new(match seed {
+                None => CrashStorage::new(initial.to_vec(), Some(n)),
+                Some(k) => CrashStorage::reordering(initial.to_vec(), Some(n), k),
+            });
+            {
+                let opts = OpenOptions {
+                    writable: true,
+                    ..OpenOptions::default()
+                };
+                let img = Qcow2Image::open(
+                    Box::new(st.clone()) as Box<dyn Storage>,
+                    &blockdev::DenyGate,
+                    &opts,
+                )
+                .unwrap();
+                let _ = sc(&img);
+            }
+            let durable = st.crash_image().to_vec();
             let img = Qcow2Image::open(
-                Box::new(st.clone()) as Box<dyn Storage>,
+                Box::new(MemStorage::read_only(durable)),
                 &blockdev::DenyGate,
-                &opts,
+                &OpenOptions::default(),
             )
             .unwrap();
-            let _ = sc(&img);
+            let rep = img.check().unwrap();
+            assert_eq!(
+                rep.corruptions(),
+                0,
+                "crash after op {n} (reordering {seed:?}): {:?}",
+                rep.findings
+            );
         }
-        let durable = st.crash_image().to_vec();
-        let img = Qcow2Image::open(
-            Box::new(MemStorage::read_only(durable)),
-            &blockdev::DenyGate,
-            &OpenOptions::default(),
-        )
-        .unwrap();
-        let rep = img.check().unwrap();
-        assert_eq!(
-            rep.corruptions(),
-            0,
-            "crash after op {n}: {:?}",
-            rep.findings
-        );
         n += sample;
     }
 }

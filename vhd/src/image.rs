@@ -696,6 +696,9 @@ impl VhdImage {
             .filter(|e| e / SECTOR <= u64::from(u32::MAX))
             .ok_or_else(|| Error::unsupported("the VHD file would exceed 2 TiB"))?;
         self.storage.write_at(&self.fi.footer.raw, new_end)?;
+        // The new footer is durable before the block overwrites the old one: a disk may keep
+        // unflushed writes in any order, and a file whose last sector is not a footer is lost.
+        self.storage.flush()?;
         if !is_zero(data) {
             self.storage.write_at(data, at + d.bitmap_size + within)?;
         }

@@ -85,9 +85,19 @@ fn content(st: MemStorage, gate: &dyn OpenGate) -> Vec<u8> {
 }
 
 fn crash_everywhere(differencing: bool, dialect: Dialect) {
+    // In order (what was flushed survives), then with unflushed writes kept in any subset.
+    for seed in [None, Some(1), Some(2), Some(3), Some(4), Some(5), Some(6)] {
+        crash_everywhere_with(differencing, dialect, seed);
+    }
+}
+
+fn crash_everywhere_with(differencing: bool, dialect: Dialect, seed: Option<u64>) {
     let s = setup(differencing, dialect);
     for crash_after in 0..200u64 {
-        let cs = Arc::new(CrashStorage::new(s.image.clone(), Some(crash_after)));
+        let cs = Arc::new(match seed {
+            None => CrashStorage::new(s.image.clone(), Some(crash_after)),
+            Some(k) => CrashStorage::reordering(s.image.clone(), Some(crash_after), k),
+        });
         let img =
             VhdImage::open(Box::new(cs.clone()), &params(s.gate.as_ref(), true, None)).unwrap();
         let mut before = s.model.clone();
@@ -105,7 +115,7 @@ fn crash_everywhere(differencing: bool, dialect: Dialect) {
         let got = content(cs.crash_image(), s.gate.as_ref());
         assert!(
             got == before || got == after,
-            "crash after {crash_after} ops: content is neither the old nor the new state"
+            "crash after {crash_after} ops (reordering {seed:?}): content is neither the old nor the new state"
         );
         if finished {
             return;

@@ -90,8 +90,13 @@ fn crash_everywhere_l(
     };
     assert!(total > 5, "scenario too small: {total}");
     let mut dirty_images = Vec::new();
-    for k in 0..=total {
-        let cs = Arc::new(CrashStorage::new(base.clone(), Some(k)));
+    // In order, and with the unflushed writes kept in a subset (a disk's own order).
+    let runs = (0..=total).flat_map(|k| [(k, None), (k, Some(k)), (k, Some(k + 1000))]);
+    for (k, seed) in runs {
+        let cs = Arc::new(match seed {
+            None => CrashStorage::new(base.clone(), Some(k)),
+            Some(s) => CrashStorage::reordering(base.clone(), Some(k), s),
+        });
         if let Ok(img) = open_with(Box::new(cs.clone()), true, gate, 0) {
             let _ = run_ops(&img, ops);
             drop(img);
@@ -322,8 +327,12 @@ fn crash_while_relinking() {
         cs.ops()
     };
     assert!(total > 5, "scenario too small: {total}");
-    for k in 0..=total {
-        let cs = Arc::new(CrashStorage::new(child.clone(), Some(k)));
+    let runs = (0..=total).flat_map(|k| [(k, None), (k, Some(k)), (k, Some(k + 1000))]);
+    for (k, seed) in runs {
+        let cs = Arc::new(match seed {
+            None => CrashStorage::new(child.clone(), Some(k)),
+            Some(s) => CrashStorage::reordering(child.clone(), Some(k), s),
+        });
         if let Ok(img) = open_with(Box::new(cs.clone()), true, &skip, 0) {
             let _ = img.relink_parent(new);
         }
