@@ -174,20 +174,15 @@ fn crash_block_allocation_paged_bat() {
     crash_everywhere_l(base, &DirGate::new(), &ops, &limits);
 }
 
-#[test]
-fn crash_differencing_writes() {
-    let size = 8 * MIB;
+/// A parent of `size` bytes holding `fill(size, 9)` with 1 MiB blocks, and an empty child of
+/// it; the gate opens that parent.
+fn parent_and_child(size: u64) -> (Vec<u8>, MemGate) {
     let pbytes = {
-        let m = Arc::new(blockdev::MemStorage::new());
-        vhdx::create(
-            &*m,
-            &CreateOptions {
-                size,
-                block_size: MIB,
-                ..CreateOptions::default()
-            },
-        )
-        .unwrap();
+        let m = Arc::new(blockdev::MemStorage::from_vec(create_mem(&CreateOptions {
+            size,
+            block_size: MIB,
+            ..CreateOptions::default()
+        })));
         let p = open_with(Box::new(m.clone()), true, &DirGate::new(), 0).unwrap();
         p.write_at(&fill(size as usize, 9), 0).unwrap();
         p.flush().unwrap();
@@ -206,7 +201,12 @@ fn crash_differencing_writes() {
         parent: Some(link_of(&parent)),
         ..CreateOptions::default()
     });
-    let gate = MemGate { parent: pbytes };
+    (child, MemGate { parent: pbytes })
+}
+
+#[test]
+fn crash_differencing_writes() {
+    let (child, gate) = parent_and_child(8 * MIB);
     let ops = vec![
         Op::Write(2 * MIB + 512, fill(1024, 5)),
         Op::Write(2 * MIB + 8192, fill(4096, 6)),
@@ -367,31 +367,7 @@ fn crash_while_relinking() {
 fn stale_bitmap_bits_of_a_block_not_present_are_cleared() {
     let size = 4 * MIB;
     let pdata = fill(size as usize, 9);
-    let pbytes = {
-        let m = Arc::new(blockdev::MemStorage::from_vec(create_mem(&CreateOptions {
-            size,
-            block_size: MIB,
-            ..CreateOptions::default()
-        })));
-        let p = open_with(Box::new(m.clone()), true, &DirGate::new(), 0).unwrap();
-        p.write_at(&pdata, 0).unwrap();
-        p.flush().unwrap();
-        drop(p);
-        m.to_vec()
-    };
-    let parent = open_with(
-        Box::new(blockdev::MemStorage::read_only(pbytes.clone())),
-        false,
-        &DirGate::new(),
-        0,
-    )
-    .unwrap();
-    let child = create_mem(&CreateOptions {
-        block_size: MIB,
-        parent: Some(link_of(&parent)),
-        ..CreateOptions::default()
-    });
-    let gate = MemGate { parent: pbytes };
+    let (child, gate) = parent_and_child(size);
     let m = Arc::new(blockdev::MemStorage::from_vec(child));
     // A partial write in block 1 sets bits there; then the block is marked NOT_PRESENT by
     // hand, as another writer could leave it, with its bits still set.
