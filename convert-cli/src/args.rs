@@ -58,6 +58,51 @@ pub enum Target {
     Kvm,
 }
 
+/// qemu-img convert options that scripts pass: some are accepted (vdconv already does what
+/// they ask, or they only tune qemu), the others get a message instead of a bare parse error.
+#[derive(Debug, Clone, Args)]
+pub struct QemuConvertArgs {
+    /// Output cache mode: vdconv always flushes its output before it returns.
+    #[arg(short = 't', value_name = "CACHE", hide = true)]
+    pub cache: Option<String>,
+    /// Source cache mode.
+    #[arg(short = 'T', value_name = "CACHE", hide = true)]
+    pub src_cache: Option<String>,
+    /// Out-of-order writes: vdconv reads in parallel and writes in order.
+    #[arg(short = 'W', hide = true)]
+    pub out_of_order: bool,
+    /// Parallel coroutines: vdconv sizes its readers to the machine.
+    #[arg(short = 'm', value_name = "N", hide = true)]
+    pub coroutines: Option<u32>,
+    /// Skip creating the target: not supported.
+    #[arg(short = 'n', hide = true)]
+    pub no_create: bool,
+    /// Sparse detection size: not supported.
+    #[arg(short = 'S', value_name = "SIZE", hide = true)]
+    pub sparse_size: Option<String>,
+    /// Image options instead of file names: not supported.
+    #[arg(long = "image-opts", hide = true)]
+    pub image_opts: bool,
+    /// Target image options instead of a file name: not supported.
+    #[arg(long = "target-image-opts", hide = true)]
+    pub target_image_opts: bool,
+}
+
+impl QemuConvertArgs {
+    /// Refuses what vdconv cannot do, with a message, before anything is opened.
+    pub fn refuse_unsupported(&self) -> Option<&'static str> {
+        if self.no_create {
+            Some("-n (write into an existing image) is not supported: vdconv always creates the output (-B writes a delta over an existing image)")
+        } else if self.sparse_size.is_some() {
+            Some("-S is not supported: vdconv leaves every all-zero cluster or block of the output unallocated")
+        } else if self.image_opts || self.target_image_opts {
+            Some("--image-opts and --target-image-opts are not supported: name the files, and use --open-option K=V or -o K=V")
+        } else {
+            None
+        }
+    }
+}
+
 /// Options for opening existing images.
 #[derive(Debug, Clone, Args)]
 pub struct OpenArgs {
@@ -136,6 +181,9 @@ pub enum Command {
         /// Read an internal snapshot (qcow2) instead of the active layer.
         #[arg(short = 'l', long = "snapshot")]
         snapshot: Option<String>,
+        /// qemu-img options with no vdconv meaning.
+        #[command(flatten)]
+        qemu: QemuConvertArgs,
         /// Open options.
         #[command(flatten)]
         open: OpenArgs,
@@ -146,9 +194,9 @@ pub enum Command {
     },
     /// Create a new empty image (or a differencing/overlay image over a parent).
     Create {
-        /// Format of the new image.
+        /// Format of the new image (default: from the file name's extension).
         #[arg(short = 'f', long = "format")]
-        format: String,
+        format: Option<String>,
         /// Options, K=V[,K=V...] (repeatable).
         #[arg(short = 'o', long = "options", value_name = "K=V,...")]
         options: Vec<String>,

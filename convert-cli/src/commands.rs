@@ -77,10 +77,17 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> Result<Code> {
             target,
             keep_chain,
             snapshot,
+            qemu,
             open,
             src,
             dst,
         } => {
+            if let Some(why) = qemu.refuse_unsupported() {
+                return Err(Error::new(ErrorKind::Unsupported, why));
+            }
+            if qemu.cache.is_some() || qemu.src_cache.is_some() {
+                eprintln!("vdconv: notice: -t/-T are ignored: the output is always flushed before vdconv returns");
+            }
             let c = ConvertArgs {
                 format,
                 output_format,
@@ -109,7 +116,10 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> Result<Code> {
             image,
             size,
         } => {
-            let format: Format = format.parse()?;
+            let format: Format = match format {
+                Some(f) => f.parse()?,
+                None => format_from_name(&image, "-f")?,
+            };
             let size = size
                 .as_deref()
                 .map(parse_size)
@@ -198,7 +208,8 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> Result<Code> {
             open,
             image,
         } => {
-            let dev = open_image(&image, format.as_deref(), &open, false)?;
+            let (dev, files) =
+                vdisk::open_with_paths(&image, &open_options(&open, format.as_deref(), false)?)?;
             let entries = vdisk::map(dev.as_ref())?;
             match output {
                 OutputFormat::Json => {
@@ -208,8 +219,9 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> Result<Code> {
                     outln!("{s}");
                 }
                 OutputFormat::Human => {
+                    // qemu-img's columns, and the kind: "Mapped to" is an offset in File.
                     outln!(
-                        "{:<20}{:<20}{:<20}{:<8}",
+                        "{:<20}{:<20}{:<20}{:<18}File",
                         "Offset",
                         "Length",
                         "Mapped to",
@@ -221,12 +233,17 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> Result<Code> {
                             .offset
                             .map(|o| format!("{o:#x}"))
                             .unwrap_or_else(|| "-".into());
+                        let file = usize::try_from(e.depth)
+                            .ok()
+                            .and_then(|d| files.get(d))
+                            .map(|f| f.display().to_string())
+                            .unwrap_or_default();
                         outln!(
-                            "{:<20}{:<20}{:<20}{kind} (depth {})",
+                            "{:<20}{:<20}{:<20}{:<18}{file}",
                             format!("{:#x}", e.start),
                             format!("{:#x}", e.length),
                             mapped,
-                            e.depth
+                            format!("{kind} (depth {})", e.depth),
                         );
                     }
                 }
@@ -296,6 +313,25 @@ fn open_options(open: &OpenArgs, format: Option<&str>, writable: bool) -> Result
         limits: blockdev::Limits::default(),
         format_options: parse_kv_list(&open.open_options)?,
     })
+}
+
+/// The format a file name's extension names (`.qcow2`, `.vhd`, `.vhdx`/`.avhdx`, `.raw`/`.img`),
+/// with a notice; otherwise the user must name it with `flag`. (qemu-img writes raw whatever
+/// the name says, so `disk.qcow2` could silently hold a raw image.)
+fn format_from_name(path: &Path, flag: &str) -> Result<Format> {
+    let ext = path
+        .extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase())
+        .unwrap_or_default();
+    match ext.parse::<Format>() {
+        Ok(f) if !ext.is_empty() && ext != "vpc" => {
+            eprintln!("vdconv: notice: writing {f}, from the file name ({flag} names the format)");
+            Ok(f)
+        }
+        _ => Err(Error::invalid_argument(format!(
+            "name the output format with {flag} (raw, vhd, vhdx, qcow2): the file name does not say"
+        ))),
+    }
 }
 
 /// `size` rounded up to whole 512-byte sectors, with a notice when that changes it: every
@@ -752,11 +788,7 @@ fn convert(a: ConvertArgs, cancel: &AtomicBool) -> Result<Code> {
             f
         }
         (None, Some(n)) => n.parse()?,
-        (None, None) => {
-            return Err(Error::invalid_argument(
-                "name the output format with -O (raw, vhd, vhdx, qcow2)",
-            ))
-        }
+        (None, None) => format_from_name(&a.dst, "-O")?,
     };
     if a.compress {
         if out_format != Format::Qcow2 {

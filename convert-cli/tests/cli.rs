@@ -559,3 +559,83 @@ fn sizes_round_to_sectors_and_backing_fmt_is_honoured() {
         .arg(p("e.qcow2")));
     assert_eq!(code, 2, "{err}");
 }
+
+#[test]
+fn formats_from_file_names_and_map_names_files() {
+    require_tool("qemu-img");
+    let d = tempfile::tempdir().unwrap();
+    let p = |n: &str| d.path().join(n);
+    let (code, _, err) = run(vdconv().arg("create").arg(p("b.qcow2")).arg("4M"));
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("writing qcow2, from the file name"), "{err}");
+    assert_eq!(
+        run(Command::new("qemu-io")
+            .args(["-c", "write -P 1 0 64k"])
+            .arg(p("b.qcow2")))
+        .0,
+        0
+    );
+    let (code, _, err) = run(vdconv().args(["create", "-b", "b.qcow2"]).arg(p("t.qcow2")));
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        run(Command::new("qemu-io")
+            .args(["-c", "write -P 2 1M 64k"])
+            .arg(p("t.qcow2")))
+        .0,
+        0
+    );
+    // map says which file each mapped range is in, like qemu-img map.
+    let (code, out, err) = run(vdconv().arg("map").arg(p("t.qcow2")));
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines[0].ends_with("File"), "{out}");
+    assert!(
+        lines[1].starts_with("0x0 ") && lines[1].ends_with("b.qcow2"),
+        "{out}"
+    );
+    assert!(
+        lines[2].starts_with("0x100000 ") && lines[2].ends_with("t.qcow2"),
+        "{out}"
+    );
+    // convert takes the format from the destination's name; a name that says none is refused.
+    let (code, _, err) = run(vdconv().arg("convert").arg(p("t.qcow2")).arg(p("o.vhdx")));
+    assert_eq!(code, 0, "{err}");
+    let (_, out, _) = run(vdconv().args(["info", "--output", "json"]).arg(p("o.vhdx")));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["format"], "vhdx");
+    let (code, _, err) = run(vdconv().arg("convert").arg(p("t.qcow2")).arg(p("o.bin")));
+    assert_eq!(code, 2, "{err}");
+    assert!(!p("o.bin").exists());
+}
+
+#[test]
+fn qemu_img_convert_options_are_accepted_or_explained() {
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("s.raw");
+    std::fs::write(&src, vec![7u8; 65536]).unwrap();
+    // Tuning and cache options are accepted (the output is flushed whatever -t says).
+    let (code, _, err) = run(vdconv()
+        .args([
+            "convert", "-f", "raw", "-O", "qcow2", "-t", "none", "-T", "none", "-W",
+        ])
+        .args(["-m", "16"])
+        .arg(&src)
+        .arg(d.path().join("a.qcow2")));
+    assert_eq!(code, 0, "{err}");
+    // What vdconv cannot do is said, with exit 5, and nothing is written.
+    for (args, what) in [
+        (&["-n"][..], "-n"),
+        (&["-S", "0"][..], "-S"),
+        (&["--target-image-opts"][..], "--target-image-opts"),
+    ] {
+        let out = d.path().join("b.qcow2");
+        let (code, _, err) = run(vdconv()
+            .args(["convert", "-O", "qcow2"])
+            .args(args)
+            .arg(&src)
+            .arg(&out));
+        assert_eq!(code, 5, "{what}: {err}");
+        assert!(err.contains(what) && err.contains("not supported"), "{err}");
+        assert!(!out.exists());
+    }
+}
