@@ -799,7 +799,11 @@ fn convert(a: ConvertArgs, cancel: &AtomicBool) -> Result<Code> {
         }
         out_opts.push(("compress".to_string(), "on".to_string()));
     }
-    if size.is_none() && out_format != Format::Raw && src.size() % 512 != 0 {
+    if size.is_none()
+        && !a.keep_chain
+        && out_format != Format::Raw
+        && !src.size().is_multiple_of(512)
+    {
         size = Some(whole_sectors(src.size(), out_format));
     }
     check_target_capacity(out_format, size.unwrap_or(src.size()))?;

@@ -639,3 +639,13 @@ fn qemu_img_convert_options_are_accepted_or_explained() {
         assert!(!out.exists());
     }
 }
+
+#[test]
+fn a_missing_backing_file_is_exit_6() {
+    let d = tempfile::tempdir().unwrap();
+    let (code, _, err) = run(vdconv()
+        .args(["create", "-f", "qcow2", "-b", "missing.qcow2"])
+        .arg(d.path().join("c.qcow2")));
+    assert_eq!(code, 6, "{err}");
+    assert!(!d.path().join("c.qcow2").exists());
+}

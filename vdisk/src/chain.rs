@@ -102,6 +102,15 @@ pub enum PlanItem {
     },
 }
 
+impl PlanItem {
+    /// The guest offset of the item.
+    pub fn offset(&self) -> u64 {
+        match *self {
+            PlanItem::Data { offset, .. } | PlanItem::Zero { offset, .. } => offset,
+        }
+    }
+}
+
 /// Walks a device's chain status and yields aligned [`PlanItem`]s: zero runs covering whole
 /// `unit`s are `Zero`; everything else is `Data` in pieces aligned to `unit` that never cross a
 /// `chunk` boundary. Only the last item may end unaligned (at the end of the device).

@@ -71,12 +71,19 @@ pub fn commit(
         copy_layer(top.as_ref(), &mut into, unit, size, cancel, progress)
     };
     // Flushed whatever happened: what was written stays consistent by the format's rules.
-    parent.flush()?;
-    copied?;
+    let flushed = parent.flush();
     drop(top);
-    if child_is_vhdx {
-        relink(image, &parent_path, parent.as_ref(), opts)?;
-    }
+    // The child reads the same even after a partial commit (the parent got the child's own
+    // bytes), so a VHDX child is relinked on failure too: its parent's DataWriteGuid changed
+    // at the first write.
+    let relinked = if child_is_vhdx {
+        relink(image, &parent_path, parent.as_ref(), opts)
+    } else {
+        Ok(())
+    };
+    copied?;
+    flushed?;
+    relinked?;
     Ok(parent_path)
 }
 

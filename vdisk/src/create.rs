@@ -46,6 +46,16 @@ pub fn open_parent(
             .map(|d| d.join(p))
             .unwrap_or_else(|| p.to_path_buf())
     };
+    if let Err(e) = std::fs::metadata(&path) {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            return Err(Error::new(
+                blockdev::ErrorKind::BackingNotFound,
+                "backing file not found",
+            )
+            .with_source(e)
+            .with_path(&path));
+        }
+    }
     let opts = OpenOptions {
         format,
         limits: limits.clone(),

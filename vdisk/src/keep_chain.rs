@@ -137,7 +137,7 @@ fn check_plan(
 ) -> Result<()> {
     if opts.size.is_some() {
         return Err(Error::invalid_argument(
-            "--keep-chain keeps every layer's size: a resizing target (azure) cannot apply",
+            "--keep-chain keeps every layer's size: it cannot resize the output",
         ));
     }
     if layers.len() > 1 && opts.format == Format::Raw {

@@ -649,3 +649,75 @@ fn commit_of_subclusters_into_a_4096_byte_sector_vhdx() {
     assert_eq!(sha256_device(open(&top).as_ref()), want);
     assert_eq!(testsupport::pyvhdi_sha256(&parent, None), want);
 }
+
+/// A delta larger than its source (`size`), over a base with data past the source's end: the
+/// padding reads zeros, and the source's last cluster, equal to the base, keeps its bytes.
+#[test]
+fn padding_a_delta_keeps_the_sources_last_cluster() {
+    require_tool("qemu-img");
+    let d = tempfile::tempdir().unwrap();
+    let base = d.path().join("base.qcow2");
+    sh(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "1M"]);
+    io(&base, &["write -P 0x61 0 64k"]);
+    let src = d.path().join("src.raw");
+    std::fs::write(&src, vec![0x61u8; 1000]).unwrap();
+    let out = d.path().join("out.qcow2");
+    let mut o = ConvertOptions::new(Format::Qcow2);
+    o.size = Some(1024);
+    o.backing = Some(vdisk::open_parent(&out, "base.qcow2", None, &Default::default()).unwrap());
+    vdisk::convert(open(&src).as_ref(), &out, &o, None, &mut |_, _| {}).unwrap();
+    let mut want = vec![0x61u8; 1000];
+    want.resize(1024, 0);
+    let got = open(&out);
+    let mut b = vec![0u8; 1024];
+    got.read_at(&mut b, 0).unwrap();
+    assert!(b == want, "the padded delta reads wrong");
+    assert_eq!(
+        testsupport::qemu_sha256(&out, "qcow2"),
+        testsupport::hex(&{
+            use sha2::Digest;
+            sha2::Sha256::digest(&want).to_vec()
+        })
+    );
+}
+
+/// A commit into a VHDX parent interrupted after its first write still leaves the child linked
+/// to its parent (whose DataWriteGuid changed) and reading as before.
+#[test]
+fn interrupted_commit_keeps_a_vhdx_child_linked() {
+    require_tool("qemu-img");
+    let d = tempfile::tempdir().unwrap();
+    let chain = qemu_chain(d.path());
+    let want = testsupport::qemu_sha256(&chain[2], "qcow2");
+    let dir = d.path().join("v");
+    std::fs::create_dir(&dir).unwrap();
+    let dst = dir.join("top.vhdx");
+    vdisk::convert_chain(
+        &chain[2],
+        &dst,
+        &OpenOptions::default(),
+        &ConvertOptions::new(Format::Vhdx),
+        None,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let dwg = || {
+        let p = vdisk::open(&dir.join("mid.vhdx"), &OpenOptions::default()).unwrap();
+        p.info().format_specific["data_write_guid"].clone()
+    };
+    let before = dwg();
+    let cancel = std::sync::atomic::AtomicBool::new(false);
+    let mut calls = 0;
+    let err = vdisk::commit(&dst, &OpenOptions::default(), Some(&cancel), &mut |_, _| {
+        calls += 1;
+        // After the first range is written.
+        cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+    })
+    .unwrap_err();
+    assert_eq!(err.kind(), blockdev::ErrorKind::Interrupted, "{err}");
+    assert!(calls >= 1);
+    assert_ne!(dwg(), before, "nothing was written before the interruption");
+    let child = vdisk::open(&dst, &OpenOptions::default())
+        .unwrap_or_else(|e| panic!("the child after an interrupted commit: {e}"));
+    assert_eq!(sha256_device(child.as_ref()), want);
+}
