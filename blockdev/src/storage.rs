@@ -263,6 +263,13 @@ impl FileStorage {
                     .with_source(e)
                     .with_path(path)
             })?;
+        if !writable {
+            // The formats read what the image's own maps say is there, in pieces of 256 KiB
+            // and more: the kernel's readahead would also read the holes between data runs.
+            // Measured on cold sources (medians): vhdx -> qcow2 2.33 -> 2.09 s, raw -> qcow2
+            // 4.33 -> 2.91 s; no change on cached ones. A hint: its failure is ignored.
+            let _ = rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::Random);
+        }
         Ok(FileStorage {
             file,
             path: path.to_path_buf(),
