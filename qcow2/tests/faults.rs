@@ -49,14 +49,7 @@ fn run(initial: &[u8], sc: Scenario, sample: u64) {
         u64::MAX,
         false,
     ));
-    {
-        let opts = OpenOptions {
-            writable: true,
-            ..OpenOptions::default()
-        };
-        let img = Qcow2Image::open(Box::new(clean.clone()), &blockdev::DenyGate, &opts).unwrap();
-        sc(&img).unwrap();
-    }
+    sc(&open_rw(Box::new(clean.clone()))).unwrap();
     let total = clean.ops();
     assert!(total > 10);
     let dir = tempfile::tempdir().unwrap();
@@ -68,26 +61,12 @@ fn run(initial: &[u8], sc: Scenario, sample: u64) {
             n,
             true,
         ));
-        {
-            let opts = OpenOptions {
-                writable: true,
-                ..OpenOptions::default()
-            };
-            let img = Qcow2Image::open(
-                Box::new(st.clone()) as Box<dyn Storage>,
-                &blockdev::DenyGate,
-                &opts,
-            )
-            .unwrap();
-            assert!(sc(&img).is_err(), "fault {n} not reported");
-        }
+        assert!(
+            sc(&open_rw(Box::new(st.clone()))).is_err(),
+            "fault {n} not reported"
+        );
         let bytes = Arc::try_unwrap(st).ok().unwrap().into_inner().to_vec();
-        let img = Qcow2Image::open(
-            Box::new(MemStorage::read_only(bytes.clone())),
-            &blockdev::DenyGate,
-            &OpenOptions::default(),
-        )
-        .unwrap();
+        let img = open_ro(bytes.clone());
         let rep = img.check().unwrap();
         assert_eq!(rep.corruptions(), 0, "fault at op {n}: {:?}", rep.findings);
         // Reads still work.
@@ -127,18 +106,30 @@ fn sampled_faults_with_refcount_table_growth() {
     run(&img, scenario_b, 53);
 }
 
+/// Opens `storage` for writing (the scenarios' images).
+fn open_rw(storage: Box<dyn Storage>) -> Qcow2Image {
+    let opts = OpenOptions {
+        writable: true,
+        ..OpenOptions::default()
+    };
+    Qcow2Image::open(storage, &blockdev::DenyGate, &opts).unwrap()
+}
+
+/// Opens `bytes` read-only (what survived).
+fn open_ro(bytes: Vec<u8>) -> Qcow2Image {
+    Qcow2Image::open(
+        Box::new(MemStorage::read_only(bytes)),
+        &blockdev::DenyGate,
+        &OpenOptions::default(),
+    )
+    .unwrap()
+}
+
 /// Power cut after every mutating operation: what was durable is consistent (leaks at most).
 fn run_crash(initial: &[u8], sc: Scenario, sample: u64) {
     use blockdev::testkit::CrashStorage;
     let clean = Arc::new(CrashStorage::new(initial.to_vec(), None));
-    {
-        let opts = OpenOptions {
-            writable: true,
-            ..OpenOptions::default()
-        };
-        let img = Qcow2Image::open(Box::new(clean.clone()), &blockdev::DenyGate, &opts).unwrap();
-        sc(&img).unwrap();
-    }
+    sc(&open_rw(Box::new(clean.clone()))).unwrap();
     let total = clean.ops();
     let mut n = 1;
     while n <= total {
@@ -148,26 +139,9 @@ fn run_crash(initial: &[u8], sc: Scenario, sample: u64) {
                 None => CrashStorage::new(initial.to_vec(), Some(n)),
                 Some(k) => CrashStorage::reordering(initial.to_vec(), Some(n), k),
             });
-            {
-                let opts = OpenOptions {
-                    writable: true,
-                    ..OpenOptions::default()
-                };
-                let img = Qcow2Image::open(
-                    Box::new(st.clone()) as Box<dyn Storage>,
-                    &blockdev::DenyGate,
-                    &opts,
-                )
-                .unwrap();
-                let _ = sc(&img);
-            }
+            let _ = sc(&open_rw(Box::new(st.clone())));
             let durable = st.crash_image().to_vec();
-            let img = Qcow2Image::open(
-                Box::new(MemStorage::read_only(durable)),
-                &blockdev::DenyGate,
-                &OpenOptions::default(),
-            )
-            .unwrap();
+            let img = open_ro(durable);
             let rep = img.check().unwrap();
             assert_eq!(
                 rep.corruptions(),

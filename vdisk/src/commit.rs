@@ -35,7 +35,7 @@ pub fn commit(
     // The format the chain opened the parent as (the child may name it: a raw base whose
     // first bytes look like another format must stay raw), not a fresh probe.
     let parent_format: Format = match top.backing() {
-        Some(b) => b.info().format.parse()?,
+        Some(b) => crate::formats::format_of(b),
         None => {
             let s = blockdev::FileStorage::open(&parent_path, false)?;
             probe(&s)?
@@ -64,10 +64,10 @@ pub fn commit(
     // Whole sectors of the parent: a range the child covers in part (a 512-byte qcow2
     // subcluster over a 4096-byte-sector VHDX) is read through the child, so the rest of the
     // sector keeps the parent's bytes.
-    let unit = u64::from(parent.sector_sizes().logical).max(512);
-    let child_is_vhdx = top.info().format == "vhdx";
+    let child_is_vhdx = crate::formats::format_of(top.as_ref()) == Format::Vhdx;
     let copied = {
         let mut into = InPlace(parent.as_ref());
+        let unit = into.granularity();
         copy_layer(top.as_ref(), &mut into, unit, size, cancel, progress)
     };
     // Flushed whatever happened: what was written stays consistent by the format's rules.

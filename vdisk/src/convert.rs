@@ -171,15 +171,21 @@ fn fill(
         Ok(ItemResult { ops, hashes })
     };
 
-    // End of the furthest range handed to the writer (for the padding below).
+    // Padding past the source over a backing image (below) needs to know whether the
+    // source's last cluster was written: the end of the furthest range handed to the writer.
+    let pads = backing.is_some() && opts.size.is_some_and(|s| s > size);
     let mut written_end = 0u64;
     pipeline::run(src, &cfg, cancel, process, |p| {
-        for op in &p.extra.ops {
-            let end = match *op {
-                Op::Data { start, len } => p.item.offset() + (start + len) as u64,
-                Op::Zeroes { offset, len } => offset + len,
-            };
-            written_end = written_end.max(end);
+        if pads {
+            if let Some(end) = p
+                .extra
+                .ops
+                .iter()
+                .map(|op| op_end(op, p.item.offset()))
+                .max()
+            {
+                written_end = written_end.max(end);
+            }
         }
         match p.item {
             PlanItem::Data { offset, len } => {
@@ -209,34 +215,40 @@ fn fill(
     })?;
     // Past the source's end the output reads zeros: where a backing image has data there,
     // say so explicitly.
-    if let (Some(b), Some(out_size)) = (backing, opts.size) {
-        if out_size > size {
-            // A writer completes a partial cluster with zeros: when the source's last cluster
-            // was left to the base (equal to it), write it whole first, its source bytes then
-            // zeros, so the padding cannot blank it.
-            let g = writer.granularity().max(512);
-            let head = size / g * g;
-            let mut from = size;
-            if !size.is_multiple_of(g) && written_end <= head {
-                let end = head.saturating_add(g).min(out_size);
-                let mut buf = vec![0u8; usize::try_from(end - head).unwrap_or(0)];
-                if let Some(part) = buf.get_mut(..usize::try_from(size - head).unwrap_or(0)) {
-                    src.read_at(part, head)?;
-                }
-                writer.write_data(head, &buf)?;
-                from = end;
+    if let (Some(b), Some(out_size)) = (backing, opts.size.filter(|&s| s > size)) {
+        // A writer completes a partial cluster with zeros: when the source's last cluster
+        // was left to the base (equal to it), write it whole first, its source bytes then
+        // zeros, so the padding cannot blank it.
+        let g = writer.granularity().max(512);
+        let head = size / g * g;
+        let mut from = size;
+        if !size.is_multiple_of(g) && written_end <= head {
+            let end = head.saturating_add(g).min(out_size);
+            let mut buf = vec![0u8; usize::try_from(end - head).unwrap_or(0)];
+            if let Some(part) = buf.get_mut(..usize::try_from(size - head).unwrap_or(0)) {
+                src.read_at(part, head)?;
             }
-            let mut ops = Vec::new();
-            zeros_over_backing(b, from, out_size - from, zero_unit, &mut ops)?;
-            for op in &ops {
-                apply(writer, op, 0, &[], &mut report)?;
-            }
+            writer.write_data(head, &buf)?;
+            from = end;
+        }
+        let mut ops = Vec::new();
+        zeros_over_backing(b, from, out_size - from, zero_unit, &mut ops)?;
+        for op in &ops {
+            apply(writer, op, 0, &[], &mut report)?;
         }
     }
     if verify {
         report.digest = Some(digest.finish()?);
     }
     Ok(report)
+}
+
+/// The guest offset where `op` of an item at `base` ends.
+fn op_end(op: &Op, base: u64) -> u64 {
+    match *op {
+        Op::Data { start, len } => base + (start + len) as u64,
+        Op::Zeroes { offset, len } => offset + len,
+    }
 }
 
 fn apply(

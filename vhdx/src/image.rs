@@ -656,16 +656,6 @@ impl VhdxImage {
         Ok(())
     }
 
-    fn set_bits(
-        &self,
-        pending: &mut BTreeMap<u64, Vec<u8>>,
-        sb_off: u64,
-        pos: u64,
-        len: u64,
-    ) -> Result<()> {
-        self.put_bits(pending, sb_off, pos, len, true)
-    }
-
     /// Sets (`on`) or clears the sector bitmap bits of guest range `[pos, pos+len)`.
     fn put_bits(
         &self,
@@ -777,7 +767,7 @@ impl VhdxImage {
                 PAYLOAD_PARTIALLY_PRESENT => {
                     self.storage.write_at(data, bat::offset(e) + inb)?;
                     let sbe = entry(&newbat, self.geom.bitmap_of_block(blk))?;
-                    self.set_bits(&mut pending, bat::offset(sbe), pos, n)?;
+                    self.put_bits(&mut pending, bat::offset(sbe), pos, n, true)?;
                 }
                 _ => {
                     let from_parent = self.meta.has_parent
@@ -802,7 +792,7 @@ impl VhdxImage {
                         let start = blk * bs;
                         let blen = bs.min(self.meta.disk_size.saturating_sub(start));
                         self.put_bits(&mut pending, bat::offset(sbe), start, blen, false)?;
-                        self.set_bits(&mut pending, bat::offset(sbe), pos, n)?;
+                        self.put_bits(&mut pending, bat::offset(sbe), pos, n, true)?;
                         self.set_entry(
                             &mut pending,
                             &mut newbat,

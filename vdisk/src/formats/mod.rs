@@ -63,6 +63,21 @@ pub struct CreateSpec<'a> {
     pub limits: &'a Limits,
 }
 
+/// The format of an image opened by [`open`] (from its type: no metadata is read, unlike
+/// `info()`, which walks a VHDX's BAT).
+pub fn format_of(dev: &dyn BlockDevice) -> Format {
+    let any = dev.as_any();
+    if any.is::<::vhdx::VhdxImage>() {
+        Format::Vhdx
+    } else if any.is::<::vhd::VhdImage>() {
+        Format::Vhd
+    } else if any.is::<::qcow2::Qcow2Image>() {
+        Format::Qcow2
+    } else {
+        Format::Raw
+    }
+}
+
 /// The open options `format` uses.
 pub fn open_option_keys(format: Format) -> &'static [&'static str] {
     match format {
