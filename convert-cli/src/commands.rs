@@ -580,13 +580,14 @@ fn info(
     if let Some(w) = &warning {
         eprintln!("vdconv: warning: {w}");
     }
-    let mut layers: Vec<(PathBuf, ImageInfo)> = vec![(path.to_path_buf(), dev.info())];
+    let mut layers: Vec<(PathBuf, ImageInfo)> =
+        vec![(path.to_path_buf(), with_opened(dev.info(), &paths, 0))];
     if chain {
         let mut cur = dev.backing();
         let mut i = 1;
         while let Some(b) = cur {
             let p = paths.get(i).cloned().unwrap_or_default();
-            layers.push((p, b.info()));
+            layers.push((p, with_opened(b.info(), &paths, i)));
             cur = b.backing();
             i += 1;
         }
@@ -613,6 +614,18 @@ fn info(
         }
     }
     Ok(Code::Ok)
+}
+
+/// Layer `i`'s info with its backing's actual path set to the file the chain opened (which
+/// the gate may have found under another directory than the reference names), so it matches
+/// the next layer's `image:` line.
+fn with_opened(mut info: ImageInfo, paths: &[PathBuf], i: usize) -> ImageInfo {
+    if let (Some(b), Some(p)) = (info.backing.as_mut(), paths.get(i + 1)) {
+        if b.resolved {
+            b.resolved_path = Some(p.display().to_string());
+        }
+    }
+    info
 }
 
 fn check(

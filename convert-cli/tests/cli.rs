@@ -649,3 +649,61 @@ fn a_missing_backing_file_is_exit_6() {
     assert_eq!(code, 6, "{err}");
     assert!(!d.path().join("c.qcow2").exists());
 }
+
+#[test]
+fn info_names_the_backing_file_actually_opened() {
+    // The overlay names "base.qcow2" beside it, but the base sits in another directory that
+    // --backing-dir allows: "actual path" must be that file, as the next layer's image line.
+    require_tool("qemu-img");
+    let d = tempfile::tempdir().unwrap();
+    let (top_dir, base_dir) = (d.path().join("vms"), d.path().join("store"));
+    std::fs::create_dir_all(&top_dir).unwrap();
+    std::fs::create_dir_all(&base_dir).unwrap();
+    let base = base_dir.join("base.qcow2");
+    let top = top_dir.join("top.qcow2");
+    let mut c = Command::new("qemu-img");
+    c.args(["create", "-q", "-f", "qcow2"]).arg(&base).arg("4M");
+    assert_eq!(run(&mut c).0, 0);
+    let mut c = Command::new("qemu-img");
+    c.args([
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-u",
+        "-F",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+    ])
+    .arg(&top)
+    .arg("4M");
+    assert_eq!(run(&mut c).0, 0);
+    let (code, out, err) = run(vdconv()
+        .args([
+            "info",
+            "--backing-chain",
+            "--output",
+            "json",
+            "--backing-dir",
+        ])
+        .arg(&base_dir)
+        .arg(&top));
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let opened = v[1]["filename"].as_str().unwrap().to_string();
+    assert_eq!(
+        Path::new(&opened).canonicalize().unwrap(),
+        base.canonicalize().unwrap()
+    );
+    assert_eq!(
+        v[0]["backing"]["resolved_path"].as_str(),
+        Some(opened.as_str())
+    );
+    let (code, out, err) = run(vdconv()
+        .args(["info", "--backing-dir"])
+        .arg(&base_dir)
+        .arg(&top));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(&format!("(actual path: {opened})")), "{out}");
+}
