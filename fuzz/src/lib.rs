@@ -575,6 +575,8 @@ pub enum Op {
     Read { off: Off, len: u16 },
     /// Flushes, drops and reopens the image (and runs `check`).
     Reopen,
+    /// Grows the image in place by `by + 1` times 4 KiB (qcow2 only), then reopens it.
+    Grow { by: u8 },
 }
 
 /// A fuzz program: a template and up to 64 operations.
@@ -631,7 +633,7 @@ pub fn run_ops(format: Format, prog: &Program) {
         Ok(d) => d,
         Err(e) => panic!("cannot open a template we created ({opts:?}): {e}"),
     };
-    let size = dev.size();
+    let mut size = dev.size();
     let sector = u64::from(dev.sector_sizes().logical.max(512));
     let mut model = vec![0u8; size as usize];
     let mut buf = Vec::new();
@@ -704,6 +706,27 @@ pub fn run_ops(format: Format, prog: &Program) {
                 dev = open_storage(format, Box::new(Arc::clone(&mem)), true)
                     .unwrap_or_else(|e| panic!("reopen failed: {e}"));
                 assert_eq!(dev.size(), size);
+                check_clean(dev.as_ref());
+            }
+            Op::Grow { by } => {
+                // Only qcow2 grows in place (commit into a smaller parent); kept small.
+                if format != Format::Qcow2 || size >= 8 << 20 {
+                    continue;
+                }
+                dev.flush().expect("flush before grow");
+                drop(dev);
+                let new = size + (u64::from(by) + 1) * 4096;
+                qcow2::grow(
+                    Box::new(Arc::clone(&mem)),
+                    new,
+                    &blockdev::Limits::default(),
+                )
+                .unwrap_or_else(|e| panic!("grow {size} -> {new} failed: {e}"));
+                dev = open_storage(format, Box::new(Arc::clone(&mem)), true)
+                    .unwrap_or_else(|e| panic!("reopen after grow failed: {e}"));
+                assert_eq!(dev.size(), new);
+                size = new;
+                model.resize(new as usize, 0);
                 check_clean(dev.as_ref());
             }
         }
@@ -863,6 +886,46 @@ pub fn run_roundtrip(rt: &RoundTrip) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The Grow operation runs on every qcow2 template: writes before and after it, reopens,
+    /// and the model's check (reads match, check() clean) hold.
+    #[test]
+    fn grow_between_writes_on_every_qcow2_template() {
+        for template in 0..8u8 {
+            let ops = vec![
+                Op::Write {
+                    off: Off::Fraction(200),
+                    len: 40,
+                    seed: 1,
+                },
+                Op::Grow { by: 255 },
+                Op::Write {
+                    off: Off::Fraction(250),
+                    len: 63,
+                    seed: 2,
+                },
+                Op::Read {
+                    off: Off::Fraction(100),
+                    len: 255,
+                },
+                Op::Reopen,
+                Op::Grow { by: 3 },
+                Op::WriteZeroes {
+                    off: Off::Fraction(10),
+                    len: 900,
+                    deallocate: true,
+                },
+            ];
+            run_ops(
+                Format::Qcow2,
+                &Program {
+                    template,
+                    size: 1,
+                    ops,
+                },
+            );
+        }
+    }
 
     /// Found by open_vhdx (2026-11-26): a mutated header put the log 10 bytes below 2^64 and
     /// the custom mutator's own walk overflowed. Run with `cargo test --lib` in fuzz/.

@@ -46,4 +46,5 @@ pub use create::{create, CreateOptions, Preallocation};
 pub use header::Header;
 pub use image::{OpenOptions, Qcow2Image};
 pub use snapshot::Snapshot;
+pub use write::grow;
 pub use writer::Qcow2Writer;

@@ -639,3 +639,128 @@ impl Qcow2Image {
         self.release_all(&mut st, old.into_iter())
     }
 }
+
+/// Opens an image for a metadata operation on its own: parents are not opened.
+struct OwnLayerGate;
+
+impl blockdev::OpenGate for OwnLayerGate {
+    fn open_backing(&self, _req: &blockdev::BackingRequest<'_>) -> Result<Box<dyn BlockDevice>> {
+        Err(Error::new(
+            blockdev::ErrorKind::BackingDenied,
+            "growing an image does not open its backing file",
+        ))
+    }
+    fn open_data_file(
+        &self,
+        _req: &blockdev::BackingRequest<'_>,
+        _writable: bool,
+    ) -> Result<Box<dyn Storage>> {
+        Err(Error::unsupported(
+            "growing images with an external data file is not supported",
+        ))
+    }
+    fn skip_backing(&self) -> bool {
+        true
+    }
+}
+
+/// Grows the qcow2 image in `storage` to `new_size` bytes in place, as `qemu-img resize`
+/// does when growing: the new range reads as zeros (or as the backing file's bytes there).
+///
+/// Crash-safe: a larger L1 table is written and refcounted first, then one write inside
+/// the header's first sector switches the size and the table together; the old table is
+/// released last, so a crash leaves the old image or the grown one (at worst leaking the
+/// new table). Shrinking is refused. Images that cannot be written in place (internal
+/// snapshots, extended L2 entries, an external data file) are refused as for any write.
+pub fn grow(storage: Box<dyn Storage>, new_size: u64, limits: &Limits) -> Result<()> {
+    let opts = crate::OpenOptions {
+        writable: true,
+        limits: limits.clone(),
+        ..crate::OpenOptions::default()
+    };
+    let mut img = Qcow2Image::open(storage, &OwnLayerGate, &opts)?;
+    img.grow_to(new_size)
+}
+
+impl Qcow2Image {
+    fn grow_to(&mut self, new_size: u64) -> Result<()> {
+        self.writable_guard()?;
+        let old_size = self.size();
+        if new_size < old_size {
+            return Err(Error::invalid_argument(format!(
+                "shrinking a qcow2 image ({old_size} -> {new_size} bytes) is not supported"
+            )));
+        }
+        if new_size == old_size {
+            return Ok(());
+        }
+        if !new_size.is_multiple_of(512) {
+            return Err(Error::invalid_argument(format!(
+                "a qcow2 size must be a multiple of 512 bytes (got {new_size})"
+            )));
+        }
+        let cs = self.cs();
+        let per_entry = cs
+            .checked_mul(self.l2_entries())
+            .ok_or_else(|| Error::invalid_argument("cluster geometry overflows"))?;
+        let need = new_size.div_ceil(per_entry);
+        if need.saturating_mul(8) > MAX_L1_BYTES {
+            return Err(Error::limit(
+                "l1_size",
+                36,
+                format!(
+                    "{new_size} bytes need an L1 table of {need} entries, past the format's limit"
+                ),
+            ));
+        }
+        let mut st = self.alloc.lock().map_err(|_| poisoned())?;
+        self.prepare_write(&mut st)?;
+        let (old_entries, old_off) = {
+            let h = self.header.read().map_err(|_| poisoned())?;
+            (h.l1_size, h.l1_table_offset)
+        };
+        // Bytes 24..48 of the header: size, crypt_method, l1_size, l1_table_offset.
+        let mut hb = [0u8; 24];
+        self.storage.read_at(&mut hb, 24)?;
+        put64(&mut hb, 0, new_size);
+        if need <= u64::from(old_entries) {
+            self.storage.write_at(hb.get(..8).unwrap_or_default(), 24)?;
+            self.storage.flush()?;
+            self.header.write().map_err(|_| poisoned())?.size = new_size;
+            return Ok(());
+        }
+        let clusters = (need * 8).div_ceil(cs);
+        let start = self.alloc_clusters(&mut st, clusters)?;
+        let mut table = self.l1.read().map_err(|_| poisoned())?.clone();
+        table.resize(usize::try_from(clusters * cs / 8).unwrap_or(0), 0);
+        self.storage.write_at(&encode_u64s(&table), start)?;
+        for c in 0..clusters {
+            self.update_refcount(&mut st, start / cs + c, 1)?;
+        }
+        // The new table and its refcounts durable before the header points at them.
+        self.storage.flush()?;
+        let entries = u32::try_from(need).map_err(|_| Error::invalid_argument("L1 too large"))?;
+        put32(&mut hb, 12, entries);
+        put64(&mut hb, 16, start);
+        self.storage.write_at(&hb, 24)?;
+        self.storage.flush()?;
+        {
+            let mut h = self.header.write().map_err(|_| poisoned())?;
+            h.size = new_size;
+            h.l1_size = entries;
+            h.l1_table_offset = start;
+        }
+        self.l1_offset = start;
+        table.truncate(usize::try_from(need).unwrap_or(0));
+        *self.l1.write().map_err(|_| poisoned())? = table;
+        // Only now the old table's clusters (a crash before this leaks them).
+        if old_entries > 0 {
+            let first = old_off / cs;
+            let last = (old_off + u64::from(old_entries) * 8 - 1) / cs;
+            for c in first..=last {
+                self.update_refcount(&mut st, c, -1)?;
+            }
+        }
+        self.storage.flush()
+    }
+}

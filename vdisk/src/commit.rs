@@ -41,6 +41,13 @@ pub fn commit(
             probe(&s)?
         }
     };
+    // As qemu-img commit does, a parent smaller than its child is grown to the child's size
+    // first (qcow2 and raw parents; VHD and VHDX parents have their child's size by rule).
+    if let Some(parent_size) = top.backing().map(|b| b.size()) {
+        if parent_size < top.size() {
+            grow_parent(&parent_path, parent_format, top.size(), opts)?;
+        }
+    }
     let parent_opts = OpenOptions {
         format: Some(parent_format),
         writable: true,
@@ -85,6 +92,27 @@ pub fn commit(
     flushed?;
     relinked?;
     Ok(parent_path)
+}
+
+/// Grows the parent file to `size` bytes in place where its format allows it.
+fn grow_parent(path: &Path, format: Format, size: u64, opts: &OpenOptions) -> Result<()> {
+    match format {
+        Format::Qcow2 => {
+            let storage = blockdev::FileStorage::open(path, true)?;
+            qcow2::grow(Box::new(storage), size, &opts.limits).map_err(|e| {
+                e.context("growing the parent to its child's size")
+                    .with_path(path)
+            })
+        }
+        Format::Raw => {
+            use blockdev::Storage;
+            let storage = blockdev::FileStorage::open(path, true)?;
+            storage.set_len(size)?;
+            storage.flush()
+        }
+        // Left to the check below: data past the parent's end is refused.
+        Format::Vhd | Format::Vhdx => Ok(()),
+    }
 }
 
 /// The parent, written in place through the interface [`copy_layer`] writes to.

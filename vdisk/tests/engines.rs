@@ -353,41 +353,98 @@ fn commit_merges_child_into_parent() {
 }
 
 #[test]
-fn commit_refuses_a_child_with_data_past_its_parents_end() {
+fn commit_grows_a_smaller_parent_or_refuses_when_it_cannot() {
     require_tool("qemu-img");
     let d = tempfile::tempdir().unwrap();
+    // qcow2 base, 4 KiB clusters: 16 MiB fill an 8-entry L1, 40 MiB need a larger one.
     let base = d.path().join("base.qcow2");
     let top = d.path().join("top.qcow2");
-    sh(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "16M"]);
-    io(&base, &["write -P 0x31 0 4M"]);
+    sh(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4096",
+        base.to_str().unwrap(),
+        "16M",
+    ]);
+    io(&base, &["write -P 0x31 0 4M", "write -P 0x34 15M 1M"]);
     // The overlay is larger than its backing file, with data below and past the base's end.
-    overlay(&top, "base.qcow2", Some("32M"));
-    io(&top, &["write -P 0x32 1M 1M", "write -P 0x33 20M 1M"]);
-    let before = testsupport::sha256_file(&base);
-    let err = vdisk::commit(&top, &OpenOptions::default(), None, &mut |_, _| {}).unwrap_err();
+    overlay(&top, "base.qcow2", Some("40M"));
+    io(&top, &["write -P 0x32 1M 1M", "write -P 0x33 30M 1M"]);
+    let want = testsupport::qemu_sha256(&top, "qcow2");
+    vdisk::commit(&top, &OpenOptions::default(), None, &mut |_, _| {}).unwrap();
+    // As qemu-img commit does: the base grew to the child's size and reads as the child.
+    assert_eq!(open(&base).size(), 40 << 20);
+    assert_eq!(testsupport::qemu_sha256(&base, "qcow2"), want);
+    assert_eq!(testsupport::qemu_sha256(&top, "qcow2"), want);
+    qemu_check(&base, Format::Qcow2);
+
+    // A raw base grows too.
+    let rbase = d.path().join("rbase.raw");
+    let rtop = d.path().join("rtop.qcow2");
+    random_raw(&rbase, 8 << 20, 5);
+    sh(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "rbase.raw",
+        "-F",
+        "raw",
+        rtop.to_str().unwrap(),
+        "12M",
+    ]);
+    io(&rtop, &["write -P 0x35 7M 2M"]);
+    let want = testsupport::qemu_sha256(&rtop, "qcow2");
+    vdisk::commit(&rtop, &OpenOptions::default(), None, &mut |_, _| {}).unwrap();
+    assert_eq!(std::fs::metadata(&rbase).unwrap().len(), 12 << 20);
+    assert_eq!(testsupport::sha256_file(&rbase), want);
+
+    // A VHDX base is not resized: data past its end is refused before anything is written.
+    let vbase = d.path().join("vbase.vhdx");
+    let vtop = d.path().join("vtop.qcow2");
+    sh(&["create", "-q", "-f", "vhdx", vbase.to_str().unwrap(), "16M"]);
+    sh(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "vbase.vhdx",
+        "-F",
+        "vhdx",
+        vtop.to_str().unwrap(),
+        "32M",
+    ]);
+    io(&vtop, &["write -P 0x32 1M 1M", "write -P 0x33 20M 1M"]);
+    let before = testsupport::sha256_file(&vbase);
+    let err = vdisk::commit(&vtop, &OpenOptions::default(), None, &mut |_, _| {}).unwrap_err();
     assert_eq!(err.kind(), blockdev::ErrorKind::InvalidArgument, "{err}");
     assert!(
         err.to_string().contains("past the end of its parent"),
         "{err}"
     );
     assert_eq!(
-        testsupport::sha256_file(&base),
+        testsupport::sha256_file(&vbase),
         before,
         "the base was modified"
     );
     // Without data past the end, the part the base can hold is committed.
-    io(&top, &["discard 20M 1M"]);
-    let want = testsupport::qemu_sha256(&top, "qcow2");
-    vdisk::commit(&top, &OpenOptions::default(), None, &mut |_, _| {}).unwrap();
-    let merged = open(&base);
+    io(&vtop, &["discard 20M 1M"]);
+    let want = testsupport::qemu_sha256(&vtop, "qcow2");
+    vdisk::commit(&vtop, &OpenOptions::default(), None, &mut |_, _| {}).unwrap();
+    let merged = open(&vbase);
+    assert_eq!(merged.size(), 16 << 20);
     let mut first = vec![0u8; 16 << 20];
     merged.read_at(&mut first, 0).unwrap();
-    let child = open(&top);
+    let child = open(&vtop);
     let mut all = vec![0u8; 32 << 20];
     child.read_at(&mut all, 0).unwrap();
     assert_eq!(first[..], all[..16 << 20]);
-    assert_eq!(testsupport::qemu_sha256(&top, "qcow2"), want);
-    qemu_check(&base, Format::Qcow2);
+    assert_eq!(testsupport::qemu_sha256(&vtop, "qcow2"), want);
 }
 
 #[test]

@@ -1,0 +1,191 @@
+//! Growing an image in place (`qcow2::grow`, used by commit into a smaller parent), checked
+//! with qemu-img and qemu-io, and at every write with a power cut.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+mod common;
+
+use std::sync::Arc;
+
+use blockdev::testkit::CrashStorage;
+use blockdev::{BlockDevice, ErrorKind, FileStorage, Limits, MemStorage};
+use qcow2::{CreateOptions, OpenOptions, Qcow2Image};
+
+fn grow_file(path: &std::path::Path, size: u64) -> blockdev::Result<()> {
+    let st = FileStorage::open(path, true).unwrap();
+    qcow2::grow(Box::new(st), size, &Limits::default())
+}
+
+fn virtual_size(path: &std::path::Path) -> u64 {
+    let (rc, out, err) = common::qemu_img(&["info", "--output=json", path.to_str().unwrap()]);
+    assert_eq!(rc, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v["virtual-size"].as_u64().unwrap()
+}
+
+#[test]
+fn grows_a_qemu_image_with_and_without_a_new_l1() {
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("a.qcow2");
+    // 4 KiB clusters: one L1 entry maps 2 MiB, so 16 MiB fill 8 entries.
+    let (rc, _, err) = common::qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4096",
+        img.to_str().unwrap(),
+        "16M",
+    ]);
+    assert_eq!(rc, 0, "{err}");
+    common::qemu_io(
+        &img,
+        "qcow2",
+        &["write -P 0x41 0 3M", "write -P 0x42 15M 1M"],
+    );
+
+    // Within the L1's last entry: only the size changes.
+    grow_file(&img, (16 << 20) + 4096).unwrap();
+    assert_eq!(virtual_size(&img), (16 << 20) + 4096);
+    common::qemu_check_clean(&img);
+
+    // Past it: a new, larger L1; the old one is released (no leak).
+    grow_file(&img, 100 << 20).unwrap();
+    assert_eq!(virtual_size(&img), 100 << 20);
+    common::qemu_check_clean(&img);
+    common::qemu_io(
+        &img,
+        "qcow2",
+        &[
+            "read -P 0x41 0 3M",
+            "read -P 0x42 15M 1M",
+            "read -P 0 16M 84M",
+        ],
+    );
+
+    // Our in-place writes and qemu's reads agree on the grown range.
+    {
+        let rw = common::open_rw(&img);
+        rw.write_at(&[0x43; 70_000], 90 << 20).unwrap();
+        rw.flush().unwrap();
+    }
+    common::qemu_io(
+        &img,
+        "qcow2",
+        &["read -P 0x43 90M 70000", "read -P 0x41 0 3M"],
+    );
+    common::qemu_check_clean(&img);
+    common::assert_same_as_qemu(&common::open(&img), &img);
+
+    // Shrinking, odd sizes and sizes past the format's L1 limit are refused, changing nothing.
+    let before = testsupport::sha256_file(&img);
+    for (size, kind) in [
+        (50 << 20, ErrorKind::InvalidArgument),
+        ((200 << 20) + 1, ErrorKind::InvalidArgument),
+        (1 << 60, ErrorKind::LimitExceeded),
+    ] {
+        let e = grow_file(&img, size).unwrap_err();
+        assert_eq!(e.kind(), kind, "{size}: {e}");
+    }
+    assert_eq!(testsupport::sha256_file(&img), before);
+}
+
+#[test]
+fn an_overlay_keeps_its_backing_file() {
+    let d = tempfile::tempdir().unwrap();
+    let base = d.path().join("base.qcow2");
+    let top = d.path().join("top.qcow2");
+    let (rc, _, err) =
+        common::qemu_img(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "8M"]);
+    assert_eq!(rc, 0, "{err}");
+    common::qemu_io(&base, "qcow2", &["write -P 0x51 0 8M"]);
+    let (rc, _, err) = common::qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        top.to_str().unwrap(),
+        "8M",
+    ]);
+    assert_eq!(rc, 0, "{err}");
+    grow_file(&top, 2 << 30).unwrap();
+    assert_eq!(virtual_size(&top), 2 << 30);
+    common::qemu_check_clean(&top);
+    common::qemu_io(&top, "qcow2", &["read -P 0x51 0 8M", "read -P 0 8M 8M"]);
+}
+
+/// A power cut after every write of a grow that moves the L1 (96 -> 768 entries): the image
+/// left is the old one or the grown one, never corrupt, its data intact.
+#[test]
+fn power_cut_at_every_write_of_a_grow() {
+    let m = Arc::new(MemStorage::new());
+    qcow2::create(
+        Box::new(m.clone()),
+        CreateOptions {
+            size: 3 << 20,
+            cluster_bits: 9,
+            ..CreateOptions::default()
+        },
+    )
+    .unwrap();
+    let rw = Qcow2Image::open(
+        Box::new(m.clone()),
+        &blockdev::DenyGate,
+        &OpenOptions {
+            writable: true,
+            ..OpenOptions::default()
+        },
+    )
+    .unwrap();
+    rw.write_at(&[7u8; 300_000], 1_000_000).unwrap();
+    rw.flush().unwrap();
+    drop(rw);
+    let initial = m.to_vec();
+    let (old, new) = (3u64 << 20, 24u64 << 20);
+    let clean = Arc::new(CrashStorage::new(initial.clone(), None));
+    qcow2::grow(Box::new(clean.clone()), new, &Limits::default()).unwrap();
+    let total = clean.ops();
+    assert!(total > 5, "{total} operations");
+    for n in 1..=total {
+        for seed in [None, Some(n), Some(n + 11)] {
+            let st = Arc::new(match seed {
+                None => CrashStorage::new(initial.clone(), Some(n)),
+                Some(k) => CrashStorage::reordering(initial.clone(), Some(n), k),
+            });
+            let _ = qcow2::grow(Box::new(st.clone()), new, &Limits::default());
+            let img = Qcow2Image::open(
+                Box::new(MemStorage::read_only(st.crash_image().to_vec())),
+                &blockdev::DenyGate,
+                &OpenOptions::default(),
+            )
+            .unwrap_or_else(|e| panic!("crash after op {n} ({seed:?}): {e}"));
+            let rep = img.check().unwrap();
+            assert_eq!(
+                rep.corruptions(),
+                0,
+                "crash after op {n} ({seed:?}): {:?}",
+                rep.findings
+            );
+            assert!(
+                img.size() == old || img.size() == new,
+                "size {}",
+                img.size()
+            );
+            let mut b = vec![0u8; 300_000];
+            img.read_at(&mut b, 1_000_000).unwrap();
+            assert!(
+                b.iter().all(|&x| x == 7),
+                "crash after op {n} ({seed:?}): data lost"
+            );
+        }
+    }
+}
