@@ -718,6 +718,7 @@ pub fn run_ops(format: Format, prog: &Program) {
                 let new = size + (u64::from(by) + 1) * 4096;
                 qcow2::grow(
                     Box::new(Arc::clone(&mem)),
+                    &blockdev::DenyGate,
                     new,
                     &blockdev::Limits::default(),
                 )

@@ -640,45 +640,29 @@ impl Qcow2Image {
     }
 }
 
-/// Opens an image for a metadata operation on its own: parents are not opened.
-struct OwnLayerGate;
-
-impl blockdev::OpenGate for OwnLayerGate {
-    fn open_backing(&self, _req: &blockdev::BackingRequest<'_>) -> Result<Box<dyn BlockDevice>> {
-        Err(Error::new(
-            blockdev::ErrorKind::BackingDenied,
-            "growing an image does not open its backing file",
-        ))
-    }
-    fn open_data_file(
-        &self,
-        _req: &blockdev::BackingRequest<'_>,
-        _writable: bool,
-    ) -> Result<Box<dyn Storage>> {
-        Err(Error::unsupported(
-            "growing images with an external data file is not supported",
-        ))
-    }
-    fn skip_backing(&self) -> bool {
-        true
-    }
-}
-
 /// Grows the qcow2 image in `storage` to `new_size` bytes in place, as `qemu-img resize`
-/// does when growing: the new range reads as zeros (or as the backing file's bytes there).
+/// does when growing. `gate` opens its backing file (read-only), if it names one: where the
+/// backing file is longer than the image, the new range is first marked zero so that it reads
+/// as zeros, not as the backing file's bytes that the old size hid (qemu does the same; a v2
+/// image cannot mark zeros and is refused then, as qemu refuses it).
 ///
-/// Crash-safe: a larger L1 table is written and refcounted first, then one write inside
-/// the header's first sector switches the size and the table together; the old table is
-/// released last, so a crash leaves the old image or the grown one (at worst leaking the
-/// new table). Shrinking is refused. Images that cannot be written in place (internal
-/// snapshots, extended L2 entries, an external data file) are refused as for any write.
-pub fn grow(storage: Box<dyn Storage>, new_size: u64, limits: &Limits) -> Result<()> {
+/// Crash-safe: a larger L1 table is written and refcounted, then switched in by one header
+/// write; the new range is zeroed beyond the old size, where nothing reads it yet; only then
+/// does one more header write change the size. A crash leaves the old image or the grown
+/// one, at worst with leaked clusters. Shrinking is refused, and so are images that cannot be
+/// written in place (internal snapshots, extended L2 entries, an external data file).
+pub fn grow(
+    storage: Box<dyn Storage>,
+    gate: &dyn blockdev::OpenGate,
+    new_size: u64,
+    limits: &Limits,
+) -> Result<()> {
     let opts = crate::OpenOptions {
         writable: true,
         limits: limits.clone(),
         ..crate::OpenOptions::default()
     };
-    let mut img = Qcow2Image::open(storage, &OwnLayerGate, &opts)?;
+    let mut img = Qcow2Image::open(storage, gate, &opts)?;
     img.grow_to(new_size)
 }
 
@@ -699,6 +683,29 @@ impl Qcow2Image {
                 "a qcow2 size must be a multiple of 512 bytes (got {new_size})"
             )));
         }
+        let names_backing = self
+            .header
+            .read()
+            .map_err(|_| poisoned())?
+            .backing_file
+            .is_some();
+        let backing_len = match &self.backing {
+            Some(b) => b.size(),
+            None if names_backing => {
+                return Err(Error::new(
+                    blockdev::ErrorKind::BackingNotFound,
+                    "growing an image needs its backing file (the new range must hide it)",
+                ))
+            }
+            None => 0,
+        };
+        // What the backing file would show past the old end: it must read as zeros.
+        let zero_end = backing_len.min(new_size);
+        if zero_end > old_size && !self.geo.v3 {
+            return Err(Error::unsupported(
+                "a version 2 (compat=0.10) image cannot mark the new range zero over its longer                  backing file: upgrade it to version 3 first",
+            ));
+        }
         let cs = self.cs();
         let per_entry = cs
             .checked_mul(self.l2_entries())
@@ -713,22 +720,38 @@ impl Qcow2Image {
                 ),
             ));
         }
-        let mut st = self.alloc.lock().map_err(|_| poisoned())?;
-        self.prepare_write(&mut st)?;
+        self.grow_l1(need)?;
+        if zero_end > old_size {
+            // Zeroed beyond the old end (nothing reads there yet): the size, in memory only,
+            // lets the write path reach the range.
+            self.header.write().map_err(|_| poisoned())?.size = new_size;
+            let zeroed = self
+                .write_zeroes_impl(old_size, zero_end - old_size, false)
+                .and_then(|()| self.storage.flush());
+            if let Err(e) = zeroed {
+                self.header.write().map_err(|_| poisoned())?.size = old_size;
+                return Err(e);
+            }
+        }
+        self.storage.write_at(&new_size.to_be_bytes(), 24)?;
+        self.storage.flush()?;
+        self.header.write().map_err(|_| poisoned())?.size = new_size;
+        Ok(())
+    }
+
+    /// Moves the active L1 to a new table of `need` entries when it has fewer.
+    fn grow_l1(&mut self, need: u64) -> Result<()> {
+        let cs = self.cs();
         let (old_entries, old_off) = {
             let h = self.header.read().map_err(|_| poisoned())?;
             (h.l1_size, h.l1_table_offset)
         };
-        // Bytes 24..48 of the header: size, crypt_method, l1_size, l1_table_offset.
-        let mut hb = [0u8; 24];
-        self.storage.read_at(&mut hb, 24)?;
-        put64(&mut hb, 0, new_size);
+        let mut st = self.alloc.lock().map_err(|_| poisoned())?;
+        self.prepare_write(&mut st)?;
         if need <= u64::from(old_entries) {
-            self.storage.write_at(hb.get(..8).unwrap_or_default(), 24)?;
-            self.storage.flush()?;
-            self.header.write().map_err(|_| poisoned())?.size = new_size;
             return Ok(());
         }
+        let entries = u32::try_from(need).map_err(|_| Error::invalid_argument("L1 too large"))?;
         let clusters = (need * 8).div_ceil(cs);
         let start = self.alloc_clusters(&mut st, clusters)?;
         let mut table = self.l1.read().map_err(|_| poisoned())?.clone();
@@ -739,14 +762,14 @@ impl Qcow2Image {
         }
         // The new table and its refcounts durable before the header points at them.
         self.storage.flush()?;
-        let entries = u32::try_from(need).map_err(|_| Error::invalid_argument("L1 too large"))?;
-        put32(&mut hb, 12, entries);
-        put64(&mut hb, 16, start);
-        self.storage.write_at(&hb, 24)?;
+        // One write: l1_size (36) and l1_table_offset (40) switch together.
+        let mut hb = [0u8; 12];
+        put32(&mut hb, 0, entries);
+        put64(&mut hb, 4, start);
+        self.storage.write_at(&hb, 36)?;
         self.storage.flush()?;
         {
             let mut h = self.header.write().map_err(|_| poisoned())?;
-            h.size = new_size;
             h.l1_size = entries;
             h.l1_table_offset = start;
         }

@@ -17,7 +17,7 @@ use qcow2::{CreateOptions, OpenOptions, Qcow2Image};
 
 fn grow_file(path: &std::path::Path, size: u64) -> blockdev::Result<()> {
     let st = FileStorage::open(path, true).unwrap();
-    qcow2::grow(Box::new(st), size, &Limits::default())
+    qcow2::grow(Box::new(st), &common::TestGate, size, &Limits::default())
 }
 
 fn virtual_size(path: &std::path::Path) -> u64 {
@@ -95,16 +95,9 @@ fn grows_a_qemu_image_with_and_without_a_new_l1() {
     assert_eq!(testsupport::sha256_file(&img), before);
 }
 
-#[test]
-fn an_overlay_keeps_its_backing_file() {
-    let d = tempfile::tempdir().unwrap();
-    let base = d.path().join("base.qcow2");
-    let top = d.path().join("top.qcow2");
-    let (rc, _, err) =
-        common::qemu_img(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "8M"]);
-    assert_eq!(rc, 0, "{err}");
-    common::qemu_io(&base, "qcow2", &["write -P 0x51 0 8M"]);
-    let (rc, _, err) = common::qemu_img(&[
+/// Creates `top` (qcow2, `size` bytes) over `base.qcow2` beside it, with `extra` options.
+fn overlay(top: &std::path::Path, size: &str, extra: &[&str]) {
+    let mut args = vec![
         "create",
         "-q",
         "-f",
@@ -113,14 +106,66 @@ fn an_overlay_keeps_its_backing_file() {
         "base.qcow2",
         "-F",
         "qcow2",
-        top.to_str().unwrap(),
-        "8M",
-    ]);
+    ];
+    args.extend(extra);
+    args.push(top.to_str().unwrap());
+    args.push(size);
+    let (rc, _, err) = common::qemu_img(&args);
     assert_eq!(rc, 0, "{err}");
-    grow_file(&top, 2 << 30).unwrap();
-    assert_eq!(virtual_size(&top), 2 << 30);
-    common::qemu_check_clean(&top);
-    common::qemu_io(&top, "qcow2", &["read -P 0x51 0 8M", "read -P 0 8M 8M"]);
+}
+
+#[test]
+fn an_overlay_grown_past_a_longer_backing_file_reads_zeros_there() {
+    let d = tempfile::tempdir().unwrap();
+    let base = d.path().join("base.qcow2");
+    let (rc, _, err) =
+        common::qemu_img(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "8M"]);
+    assert_eq!(rc, 0, "{err}");
+    common::qemu_io(&base, "qcow2", &["write -P 0x51 0 8M"]);
+
+    // The backing file is longer than the overlay: what it holds past the overlay's end
+    // must not show after growing, whether the old end is cluster-aligned or not.
+    for (old, name) in [("4M", "top.qcow2"), ("3146240", "odd.qcow2")] {
+        let top = d.path().join(name);
+        overlay(&top, old, &[]);
+        common::qemu_io(&top, "qcow2", &["write -P 0x52 1M 64k"]);
+        grow_file(&top, 16 << 20).unwrap();
+        assert_eq!(virtual_size(&top), 16 << 20);
+        common::qemu_check_clean(&top);
+        let old: u64 = if old == "4M" { 4 << 20 } else { 3146240 };
+        common::qemu_io(
+            &top,
+            "qcow2",
+            &[
+                "read -P 0x51 0 1M",
+                "read -P 0x52 1M 64k",
+                &format!(
+                    "read -P 0x51 {} {}",
+                    (1 << 20) + 65536,
+                    old - (1 << 20) - 65536
+                ),
+                &format!("read -P 0 {old} {}", (16 << 20) - old),
+            ],
+        );
+        common::assert_same_as_qemu(&common::open(&top), &top);
+    }
+
+    // Past the backing file's end nothing needs hiding; a shorter backing grows as it is.
+    let short = d.path().join("short.qcow2");
+    overlay(&short, "8M", &[]);
+    grow_file(&short, 2 << 30).unwrap();
+    assert_eq!(virtual_size(&short), 2 << 30);
+    common::qemu_check_clean(&short);
+    common::qemu_io(&short, "qcow2", &["read -P 0x51 0 8M", "read -P 0 8M 8M"]);
+
+    // A version 2 overlay cannot mark zeros: refused, unchanged (qemu-img resize refuses too).
+    let v2 = d.path().join("v2.qcow2");
+    overlay(&v2, "4M", &["-o", "compat=0.10"]);
+    let before = testsupport::sha256_file(&v2);
+    let e = grow_file(&v2, 16 << 20).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
+    assert_eq!(testsupport::sha256_file(&v2), before);
+    assert_eq!(virtual_size(&v2), 4 << 20);
 }
 
 /// A power cut after every write of a grow that moves the L1 (96 -> 768 entries): the image
@@ -152,7 +197,13 @@ fn power_cut_at_every_write_of_a_grow() {
     let initial = m.to_vec();
     let (old, new) = (3u64 << 20, 24u64 << 20);
     let clean = Arc::new(CrashStorage::new(initial.clone(), None));
-    qcow2::grow(Box::new(clean.clone()), new, &Limits::default()).unwrap();
+    qcow2::grow(
+        Box::new(clean.clone()),
+        &blockdev::DenyGate,
+        new,
+        &Limits::default(),
+    )
+    .unwrap();
     let total = clean.ops();
     assert!(total > 5, "{total} operations");
     for n in 1..=total {
@@ -161,7 +212,12 @@ fn power_cut_at_every_write_of_a_grow() {
                 None => CrashStorage::new(initial.clone(), Some(n)),
                 Some(k) => CrashStorage::reordering(initial.clone(), Some(n), k),
             });
-            let _ = qcow2::grow(Box::new(st.clone()), new, &Limits::default());
+            let _ = qcow2::grow(
+                Box::new(st.clone()),
+                &blockdev::DenyGate,
+                new,
+                &Limits::default(),
+            );
             let img = Qcow2Image::open(
                 Box::new(MemStorage::read_only(st.crash_image().to_vec())),
                 &blockdev::DenyGate,
@@ -186,6 +242,119 @@ fn power_cut_at_every_write_of_a_grow() {
                 b.iter().all(|&x| x == 7),
                 "crash after op {n} ({seed:?}): data lost"
             );
+        }
+    }
+}
+
+/// Serves one in-memory qcow2 image as every backing file.
+struct MemGate(Vec<u8>);
+
+impl blockdev::OpenGate for MemGate {
+    fn open_backing(
+        &self,
+        _req: &blockdev::BackingRequest<'_>,
+    ) -> blockdev::Result<Box<dyn BlockDevice>> {
+        let img = Qcow2Image::open(
+            Box::new(MemStorage::read_only(self.0.clone())),
+            &blockdev::DenyGate,
+            &OpenOptions::default(),
+        )?;
+        Ok(Box::new(img))
+    }
+    fn open_data_file(
+        &self,
+        _req: &blockdev::BackingRequest<'_>,
+        _writable: bool,
+    ) -> blockdev::Result<Box<dyn blockdev::Storage>> {
+        Err(blockdev::Error::unsupported("no data files here"))
+    }
+}
+
+/// A power cut after every write of a grow that zeroes the range a longer backing file would
+/// show: the overlay reads as before, or grown with zeros past its old end.
+#[test]
+fn power_cut_at_every_write_of_a_grow_over_a_longer_backing_file() {
+    let base = Arc::new(MemStorage::new());
+    qcow2::create(
+        Box::new(base.clone()),
+        CreateOptions {
+            size: 2 << 20,
+            cluster_bits: 9,
+            ..CreateOptions::default()
+        },
+    )
+    .unwrap();
+    let rw = Qcow2Image::open(
+        Box::new(base.clone()),
+        &blockdev::DenyGate,
+        &OpenOptions {
+            writable: true,
+            ..OpenOptions::default()
+        },
+    )
+    .unwrap();
+    rw.write_at(&vec![9u8; 2 << 20], 0).unwrap();
+    rw.flush().unwrap();
+    drop(rw);
+    let gate = MemGate(base.to_vec());
+
+    // The overlay ends mid-cluster, 100 KiB + 512 into the 2 MiB base.
+    let old = 100 * 1024 + 512;
+    let top = Arc::new(MemStorage::new());
+    qcow2::create(
+        Box::new(top.clone()),
+        CreateOptions {
+            size: old,
+            cluster_bits: 9,
+            backing_file: Some("base.qcow2".into()),
+            backing_format: Some("qcow2".into()),
+            ..CreateOptions::default()
+        },
+    )
+    .unwrap();
+    let initial = top.to_vec();
+    let new = 4 << 20;
+    let open_survivor = |bytes: Vec<u8>| {
+        Qcow2Image::open(
+            Box::new(MemStorage::read_only(bytes)),
+            &gate,
+            &OpenOptions::default(),
+        )
+    };
+    let clean = Arc::new(CrashStorage::new(initial.clone(), None));
+    qcow2::grow(Box::new(clean.clone()), &gate, new, &Limits::default()).unwrap();
+    let total = clean.ops();
+    let grown = open_survivor(clean.crash_image().to_vec()).unwrap();
+    assert_eq!(grown.size(), new);
+    let mut all = vec![0u8; new as usize];
+    grown.read_at(&mut all, 0).unwrap();
+    assert!(all[..old as usize].iter().all(|&x| x == 9));
+    assert!(
+        all[old as usize..].iter().all(|&x| x == 0),
+        "the base shows past the old end"
+    );
+    assert!(total > 5, "{total} operations");
+    for n in 1..=total {
+        for seed in [None, Some(n), Some(n + 5)] {
+            let st = Arc::new(match seed {
+                None => CrashStorage::new(initial.clone(), Some(n)),
+                Some(k) => CrashStorage::reordering(initial.clone(), Some(n), k),
+            });
+            let _ = qcow2::grow(Box::new(st.clone()), &gate, new, &Limits::default());
+            let img = open_survivor(st.crash_image().to_vec())
+                .unwrap_or_else(|e| panic!("crash after op {n} ({seed:?}): {e}"));
+            let rep = img.check().unwrap();
+            assert_eq!(
+                rep.corruptions(),
+                0,
+                "crash after op {n} ({seed:?}): {:?}",
+                rep.findings
+            );
+            let size = img.size();
+            assert!(size == old || size == new, "size {size}");
+            let mut b = vec![0u8; size as usize];
+            img.read_at(&mut b, 0).unwrap();
+            assert_eq!(b[..], all[..size as usize], "crash after op {n} ({seed:?})");
         }
     }
 }

@@ -99,7 +99,14 @@ fn grow_parent(path: &Path, format: Format, size: u64, opts: &OpenOptions) -> Re
     match format {
         Format::Qcow2 => {
             let storage = blockdev::FileStorage::open(path, true)?;
-            qcow2::grow(Box::new(storage), size, &opts.limits).map_err(|e| {
+            // Its own backing file, opened read-only: what it would show past the old end
+            // is zeroed first.
+            let gate = crate::open::ChainGate::new(OpenOptions {
+                format: None,
+                writable: false,
+                ..opts.clone()
+            });
+            qcow2::grow(Box::new(storage), &gate, size, &opts.limits).map_err(|e| {
                 e.context("growing the parent to its child's size")
                     .with_path(path)
             })

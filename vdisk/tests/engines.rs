@@ -448,6 +448,67 @@ fn commit_grows_a_smaller_parent_or_refuses_when_it_cannot() {
 }
 
 #[test]
+fn commit_into_a_grown_parent_does_not_show_the_grandparent() {
+    // base (8M, data everywhere) <- mid (4M) <- top (8M): the top reads zeros from 4M on
+    // except where it holds data. Growing mid to 8M must not let base show there.
+    require_tool("qemu-img");
+    let d = tempfile::tempdir().unwrap();
+    let base = d.path().join("base.qcow2");
+    sh(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "8M"]);
+    io(&base, &["write -P 0x61 0 8M"]);
+    for (compat, ok) in [("1.1", true), ("0.10", false)] {
+        let mid = d.path().join(format!("mid-{compat}.qcow2"));
+        let top = d.path().join(format!("top-{compat}.qcow2"));
+        sh(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            &format!("compat={compat}"),
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            mid.to_str().unwrap(),
+            "4M",
+        ]);
+        io(&mid, &["write -P 0x62 1M 1M"]);
+        let mid_name = mid.file_name().unwrap().to_str().unwrap().to_string();
+        overlay(&top, &mid_name, Some("8M"));
+        io(&top, &["write -P 0x63 3M 2M", "write -P 0x64 6M 64k"]);
+        let want = testsupport::qemu_sha256(&top, "qcow2");
+        let mid_before = testsupport::sha256_file(&mid);
+        let res = vdisk::commit(&top, &OpenOptions::default(), None, &mut |_, _| {});
+        if ok {
+            res.unwrap();
+            assert_eq!(open(&mid).size(), 8 << 20);
+            assert_eq!(
+                testsupport::qemu_sha256(&mid, "qcow2"),
+                want,
+                "mid after commit"
+            );
+            assert_eq!(
+                testsupport::qemu_sha256(&top, "qcow2"),
+                want,
+                "top after commit"
+            );
+            qemu_check(&mid, Format::Qcow2);
+        } else {
+            // A version 2 image cannot mark the range zero: refused before anything is written.
+            let err = res.unwrap_err();
+            assert_eq!(err.kind(), blockdev::ErrorKind::Unsupported, "{err}");
+            assert_eq!(
+                testsupport::sha256_file(&mid),
+                mid_before,
+                "mid was modified"
+            );
+            assert_eq!(testsupport::qemu_sha256(&top, "qcow2"), want);
+        }
+    }
+}
+
+#[test]
 fn azure_target_gives_whole_mib_fixed_vhd() {
     require_tool("qemu-img");
     let d = tempfile::tempdir().unwrap();
