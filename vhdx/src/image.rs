@@ -130,22 +130,17 @@ impl VhdxImage {
             log_state.replayed = sc.replay.len();
             {
                 if writable {
-                    log::replay_to_disk(&*storage, &sc.replay, new_len)?;
                     let mut nh = current.clone();
+                    if !sc.replay.is_empty() {
+                        // A new FileWriteGuid before the first change, replay included
+                        // (MS-VHDX 2.2.2); the LogGuid stays so the log is still found.
+                        nh.file_write_guid = Guid::random()?;
+                        write_header_slot(&*storage, &mut nh, &mut slot, slot_off)?;
+                    }
+                    log::replay_to_disk(&*storage, &sc.replay, new_len)?;
                     nh.log_guid = Guid::ZERO;
                     for _ in 0..2 {
-                        nh.seq = nh.seq.checked_add(1).ok_or_else(|| {
-                            Error::corrupt(
-                                "header.sequence_number",
-                                slot_off + 8,
-                                "header sequence number would overflow",
-                            )
-                        })?;
-                        let other = 1 - slot;
-                        let off = HEADER_OFFSETS.get(other).copied().unwrap_or(0);
-                        storage.write_at(&nh.to_bytes(), off)?;
-                        storage.flush()?;
-                        slot = other;
+                        write_header_slot(&*storage, &mut nh, &mut slot, slot_off)?;
                     }
                     current = nh;
                 } else if !sc.replay.is_empty() {
@@ -604,11 +599,12 @@ impl VhdxImage {
             return Ok(());
         }
         let log_len = u64::from(hs.current.log_length);
-        // Data sectors one each, descriptor sectors for up to 126 + 128k descriptors.
-        let cap = (log_len / LOG_SECTOR).saturating_sub(2).clamp(1, 4000) as usize;
+        let cap = log::entry_capacity(log_len / LOG_SECTOR).clamp(1, 4000) as usize;
         let list: Vec<(u64, Vec<u8>)> = sectors.iter().map(|(k, v)| (*k, v.clone())).collect();
         for group in list.chunks(cap) {
-            let flen = blockdev::align_up(self.storage.len()?, MIB, "file length")?;
+            // The exact length, durable since the last flush: replay refuses a file shorter
+            // than FlushedFileOffset as truncated.
+            let flen = self.storage.len()?;
             let seq = hs.log_seq;
             let e = log::build_entry(&hs.current.log_guid, seq, 0, 0, flen, flen, group);
             if e.len() as u64 > log_len {
@@ -870,6 +866,29 @@ impl VhdxImage {
         m.insert("sector_bitmaps_present".into(), sb.into());
         m
     }
+}
+
+/// Writes `nh` with the next sequence number into the header slot after `slot`, flushes,
+/// and makes that slot current (used before the image's header state exists).
+fn write_header_slot(
+    storage: &dyn Storage,
+    nh: &mut Header,
+    slot: &mut usize,
+    first_slot_off: u64,
+) -> Result<()> {
+    nh.seq = nh.seq.checked_add(1).ok_or_else(|| {
+        Error::corrupt(
+            "header.sequence_number",
+            first_slot_off + 8,
+            "header sequence number would overflow",
+        )
+    })?;
+    let other = 1 - *slot;
+    let off = HEADER_OFFSETS.get(other).copied().unwrap_or(0);
+    storage.write_at(&nh.to_bytes(), off)?;
+    storage.flush()?;
+    *slot = other;
+    Ok(())
 }
 
 /// Ranges used by the header section, log and regions.

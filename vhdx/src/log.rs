@@ -297,26 +297,46 @@ pub fn check_replay(
                     format!("replay target [{off:#x}, +{len:#x}) {why}"),
                 ));
             }
-            end = end.max(t_end.unwrap_or(0));
+            // Data sectors written past the end grow the file; zeros there need no growth
+            // (past the end reads as zeros), so only the head's LastFileOffset and data
+            // sectors set the new length.
+            if let Descriptor::Data { .. } = d {
+                end = end.max(t_end.unwrap_or(0));
+            }
         }
     }
     Ok(end)
 }
 
 /// Applies `entries` to writable storage, flushes, and grows the file as the head requires.
+///
+/// A zero descriptor zeroes only what the file holds: past its current end, the growth to
+/// `new_len` reads as zeros already (a hostile descriptor of a terabyte must not make us
+/// write one). Inside the file the range is punched out where the file system can, and
+/// written with zeros where it cannot.
 pub fn replay_to_disk(storage: &dyn Storage, entries: &[Entry], new_len: u64) -> Result<()> {
     let zeros = vec![0u8; MIB as usize];
+    let mut cur_len = storage.len()?;
     for e in entries {
         for d in &e.descriptors {
             match d {
-                Descriptor::Data { offset, data } => storage.write_at(data, *offset)?,
+                Descriptor::Data { offset, data } => {
+                    storage.write_at(data, *offset)?;
+                    cur_len = cur_len.max(offset.saturating_add(data.len() as u64));
+                }
                 Descriptor::Zero { offset, len } => {
-                    let mut done = 0u64;
-                    while done < *len {
-                        let n = (*len - done).min(MIB);
-                        storage
-                            .write_at(zeros.get(..n as usize).unwrap_or_default(), offset + done)?;
-                        done += n;
+                    let end = offset.saturating_add(*len).min(cur_len);
+                    if end <= *offset {
+                        continue;
+                    }
+                    if storage.punch_hole(*offset, end - offset)? {
+                        continue;
+                    }
+                    let mut at = *offset;
+                    while at < end {
+                        let n = (end - at).min(MIB);
+                        storage.write_at(zeros.get(..n as usize).unwrap_or_default(), at)?;
+                        at += n;
                     }
                 }
             }
@@ -332,7 +352,8 @@ pub fn replay_to_disk(storage: &dyn Storage, entries: &[Entry], new_len: u64) ->
 pub struct Overlay {
     inner: Box<dyn Storage>,
     pages: BTreeMap<u64, Vec<u8>>,
-    zeros: Vec<(u64, u64)>,
+    /// Zeroed ranges, start -> end, disjoint and merged: a read looks up only its own.
+    zeros: BTreeMap<u64, u64>,
     len: u64,
 }
 
@@ -342,7 +363,7 @@ impl Overlay {
         let mut o = Overlay {
             inner,
             pages: BTreeMap::new(),
-            zeros: Vec::new(),
+            zeros: BTreeMap::new(),
             len: new_len,
         };
         for e in entries {
@@ -357,12 +378,32 @@ impl Overlay {
                         for k in keys {
                             o.pages.remove(&k);
                         }
-                        o.zeros.push((*offset, end));
+                        o.add_zeros(*offset, end);
                     }
                 }
             }
         }
         o
+    }
+
+    /// Adds `[start, end)` to the zeroed ranges, merging it with those it touches.
+    fn add_zeros(&mut self, mut start: u64, mut end: u64) {
+        if end <= start {
+            return;
+        }
+        let touching: Vec<(u64, u64)> = self
+            .zeros
+            .range(..=end)
+            .rev()
+            .take_while(|(_, &e)| e >= start)
+            .map(|(&s, &e)| (s, e))
+            .collect();
+        for (s, e) in touching {
+            self.zeros.remove(&s);
+            start = start.min(s);
+            end = end.max(e);
+        }
+        self.zeros.insert(start, end);
     }
 }
 
@@ -382,7 +423,11 @@ impl Storage for Overlay {
             self.inner
                 .read_at(buf.get_mut(..n).unwrap_or_default(), offset)?;
         }
-        for &(zs, ze) in &self.zeros {
+        // Disjoint ranges in order: those before `end` that end after `offset`.
+        for (&zs, &ze) in self.zeros.range(..end).rev() {
+            if ze <= offset {
+                break;
+            }
             let s = zs.max(offset);
             let e = ze.min(end);
             if s < e {
@@ -442,6 +487,17 @@ impl Storage for Overlay {
     }
 }
 
+/// Most data sectors one entry can carry in a log of `log_sectors` 4 KiB sectors: each
+/// takes a sector of its own, and descriptor sectors hold 128 descriptors (the first one
+/// two fewer, for the entry header).
+pub fn entry_capacity(log_sectors: u64) -> u64 {
+    let mut n = log_sectors.saturating_sub(1);
+    while n > 0 && n + (n + 2).div_ceil(128) > log_sectors {
+        n -= 1;
+    }
+    n
+}
+
 /// Builds one log entry at ring position `pos` writing the 4 KiB `sectors` (file offset, bytes).
 pub fn build_entry(
     guid: &Guid,
@@ -486,6 +542,20 @@ pub fn build_entry(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn entry_capacity_fills_the_log_and_no_more() {
+        let one = [0u8; 4096];
+        for sectors in [3u64, 128, 130, 256, 512, 1024, 3840, 4096, 8192] {
+            let n = entry_capacity(sectors);
+            let fits = |n: u64| {
+                let list: Vec<(u64, Vec<u8>)> = (0..n).map(|i| (i * 4096, one.to_vec())).collect();
+                build_entry(&Guid::ZERO, 1, 0, 0, 0, 0, &list).len() as u64 <= sectors * 4096
+            };
+            assert!(fits(n), "{sectors} sectors: {n} do not fit");
+            assert!(!fits(n + 1), "{sectors} sectors: {} would fit too", n + 1);
+        }
+    }
 
     #[test]
     fn entry_roundtrip_and_wrap() {

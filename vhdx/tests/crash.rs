@@ -158,6 +158,29 @@ fn crash_block_allocation_dynamic() {
 }
 
 #[test]
+fn crash_logged_updates_on_a_file_not_a_whole_mib_long() {
+    // Disk2vhd leaves files 512 bytes past a MiB boundary. A logged update that grows nothing
+    // (a present block zeroed) must record the file's real length, or replay refuses the
+    // file as truncated.
+    let base = create_mem(&CreateOptions {
+        size: 16 * MIB,
+        block_size: MIB,
+        ..CreateOptions::default()
+    });
+    let m = Arc::new(blockdev::MemStorage::from_vec(base));
+    let img = open_with(Box::new(m.clone()), true, &DirGate::new(), 0).unwrap();
+    img.write_at(&fill(MIB as usize, 5), 3 * MIB).unwrap();
+    img.write_at(&fill(4096, 6), 7 * MIB).unwrap();
+    img.flush().unwrap();
+    drop(img);
+    let mut base = m.to_vec();
+    base.extend_from_slice(&[0u8; 512]);
+    let ops = vec![Op::Zero(3 * MIB, MIB), Op::Zero(7 * MIB, MIB)];
+    let dirty = crash_everywhere(base, &DirGate::new(), &ops);
+    assert!(!dirty.is_empty(), "no crash point left a dirty log");
+}
+
+#[test]
 fn crash_block_allocation_paged_bat() {
     // The same scenario with a BAT too large for the cache: pages are read on demand.
     let base = create_mem(&CreateOptions {
