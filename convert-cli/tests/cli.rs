@@ -707,3 +707,39 @@ fn info_names_the_backing_file_actually_opened() {
     assert_eq!(code, 0, "{err}");
     assert!(out.contains(&format!("(actual path: {opened})")), "{out}");
 }
+
+#[test]
+fn vhdx_relative_path_is_from_the_childs_directory_whatever_path_was_typed() {
+    // Run from a sibling directory, the child named through "..": its locator's
+    // relative_path must lead from the child's own directory to the parent.
+    let d = tempfile::tempdir().unwrap();
+    let (a, b) = (d.path().join("a"), d.path().join("b"));
+    std::fs::create_dir_all(&a).unwrap();
+    std::fs::create_dir_all(&b).unwrap();
+    for args in [
+        &["create", "-f", "vhdx", "../b/base.vhdx", "4M"][..],
+        &[
+            "create",
+            "-f",
+            "vhdx",
+            "-b",
+            "base.vhdx",
+            "-F",
+            "vhdx",
+            "../b/child.vhdx",
+        ],
+    ] {
+        let (code, _, err) = run(vdconv().current_dir(&a).args(args));
+        assert_eq!(code, 0, "{args:?}: {err}");
+    }
+    let (code, out, err) =
+        run(vdconv()
+            .current_dir(&a)
+            .args(["info", "--output", "json", "../b/child.vhdx"]));
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        v["format_specific"]["parent_locator"]["relative_path"],
+        ".\\base.vhdx"
+    );
+}

@@ -703,7 +703,7 @@ impl Qcow2Image {
         let zero_end = backing_len.min(new_size);
         if zero_end > old_size && !self.geo.v3 {
             return Err(Error::unsupported(
-                "a version 2 (compat=0.10) image cannot mark the new range zero over its longer                  backing file: upgrade it to version 3 first",
+                "a version 2 (compat=0.10) image cannot mark the new range zero over its longer backing file: upgrade it to version 3 first",
             ));
         }
         let cs = self.cs();

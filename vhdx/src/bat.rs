@@ -67,6 +67,14 @@ impl Geometry {
         i - i / (self.chunk_ratio + 1)
     }
 
+    /// Bytes of the file a present payload block at BAT index `i` must hold: the whole block,
+    /// except for the disk's last block, of which only the part the disk covers (qemu
+    /// truncates a fixed image there when the disk is not a whole number of blocks).
+    pub fn stored_len(&self, i: u64) -> u64 {
+        let start = self.block_of_index(i).saturating_mul(self.block_size);
+        self.block_size.min(self.size.saturating_sub(start)).max(1)
+    }
+
     /// Whether BAT index `i` is a sector-bitmap entry.
     pub fn is_bitmap_index(&self, i: u64) -> bool {
         i % (self.chunk_ratio + 1) == self.chunk_ratio
@@ -247,12 +255,12 @@ impl<'a> Validator<'a> {
                 | PAYLOAD_ZERO
                 | PAYLOAD_UNMAPPED
                 | PAYLOAD_UNMAPPED_V095 => return,
-                PAYLOAD_FULLY_PRESENT => g.block_size,
+                PAYLOAD_FULLY_PRESENT => g.stored_len(idx),
                 PAYLOAD_PARTIALLY_PRESENT if g.has_parent => {
                     if self.pending.len() < 1 << 16 {
                         self.pending.push(i);
                     }
-                    g.block_size
+                    g.stored_len(idx)
                 }
                 PAYLOAD_PARTIALLY_PRESENT => {
                     self.problems.push((

@@ -142,7 +142,7 @@ pub fn check(img: &VhdxImage) -> CheckReport {
         let is_sb = geom.is_bitmap_index(i as u64);
         let len = match (is_sb, st) {
             (true, SB_PRESENT) => SECTOR_BITMAP_BLOCK,
-            (false, PAYLOAD_FULLY_PRESENT | PAYLOAD_PARTIALLY_PRESENT) => geom.block_size,
+            (false, PAYLOAD_FULLY_PRESENT | PAYLOAD_PARTIALLY_PRESENT) => geom.stored_len(i as u64),
             (false, PAYLOAD_ZERO | PAYLOAD_NOT_PRESENT) if bat::offset(e) != 0 => {
                 if zero_with_offset.len() < 64 {
                     zero_with_offset.push(i);

@@ -65,6 +65,8 @@ fn sector_opt(spec: &CreateSpec<'_>, key: &str, default: u32) -> Result<u32> {
 }
 
 /// The Windows-style relative path from the directory of `child` to `parent`.
+/// `parent` is canonical; so is the child's directory here (it exists: the child is created
+/// in it), so `..` or links in the path the user gave do not skew the result.
 fn relative_path(child: Option<&Path>, parent: &Path, reference: &str) -> String {
     let child = child.map(|c| {
         if c.is_absolute() {
@@ -73,8 +75,11 @@ fn relative_path(child: Option<&Path>, parent: &Path, reference: &str) -> String
             std::env::current_dir().unwrap_or_default().join(c)
         }
     });
-    let dir = child.as_deref().and_then(Path::parent);
-    if let Some(dir) = dir {
+    let dir = child
+        .as_deref()
+        .and_then(Path::parent)
+        .map(|d| d.canonicalize().unwrap_or_else(|_| d.to_path_buf()));
+    if let Some(dir) = dir.as_deref() {
         let a: Vec<Component<'_>> = dir.components().collect();
         let b: Vec<Component<'_>> = parent.components().collect();
         let common = a.iter().zip(b.iter()).take_while(|(x, y)| x == y).count();
