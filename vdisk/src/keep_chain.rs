@@ -184,7 +184,21 @@ fn verify_chain(
     )?;
     let alg = crate::digest::DigestAlgorithm::SparseSha256;
     let want = crate::digest::digest(src, alg, cancel, &mut |_, _| {})?;
-    let got = crate::digest::digest(out.as_ref(), alg, cancel, &mut |_, _| {})?;
+    // The new chain may be longer (rounded up to the output's sector size): the source's
+    // length of it must match, and the rest read as zeros.
+    let view = crate::view::Prefix::new(out.as_ref(), src.size())?;
+    let got = crate::digest::digest(&view, alg, cancel, &mut |_, _| {})?;
+    if out.size() > src.size() {
+        if let Some(at) = crate::first_nonzero(out.as_ref(), src.size())? {
+            return Err(Error::new(
+                ErrorKind::Mismatch,
+                format!(
+                    "verification failed: the new chain holds data at {at}, past the source's end"
+                ),
+            )
+            .with_path(dst));
+        }
+    }
     if got != want {
         return Err(Error::new(
             ErrorKind::Mismatch,
@@ -205,7 +219,12 @@ fn write_layer(
     cancel: Option<&AtomicBool>,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<()> {
-    let size = layer.size();
+    let size = match opts.format {
+        // A differencing VHD/VHDX has its parent's size, and the new parent's may have been
+        // rounded up to the output's sector size (4096-byte logical sectors, for one).
+        Format::Vhd | Format::Vhdx => layer.size().max(parent.device.size()),
+        _ => layer.size(),
+    };
     let (pending, storage) = PendingOutput::create(out, opts.force)?;
     let spec = CreateSpec {
         size,

@@ -839,3 +839,42 @@ fn interrupted_commit_keeps_a_vhdx_child_linked() {
         .unwrap_or_else(|e| panic!("the child after an interrupted commit: {e}"));
     assert_eq!(sha256_device(child.as_ref()), want);
 }
+
+#[test]
+fn keep_chain_to_4096_byte_sectors_rounds_every_layer_alike() {
+    // 24565248 bytes is whole 512-byte sectors but not whole 4 KiB ones: the new base is
+    // rounded up, and its child must take the same size (a differencing VHDX has its
+    // parent's size), then verify against the source.
+    require_tool("qemu-img");
+    let d = tempfile::tempdir().unwrap();
+    let top = two_layers(
+        d.path(),
+        "24565248",
+        "24565248",
+        &["write -P 0x43 24563712 1024"],
+    );
+    let out = d.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    let dst = out.join("top.vhdx");
+    let mut o = ConvertOptions::new(Format::Vhdx);
+    o.options = vec![("logical_sector_size".into(), "4096".into())];
+    o.verify = true;
+    vdisk::convert_chain(
+        &top,
+        &dst,
+        &OpenOptions::default(),
+        &o,
+        None,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let new = open(&dst);
+    assert_eq!(new.size(), 24567808);
+    let src = open(&top);
+    let mut a = vec![0u8; src.size() as usize];
+    src.read_at(&mut a, 0).unwrap();
+    let mut b = vec![0u8; new.size() as usize];
+    new.read_at(&mut b, 0).unwrap();
+    assert_eq!(a[..], b[..a.len()]);
+    assert!(b[a.len()..].iter().all(|&x| x == 0));
+}
