@@ -172,28 +172,8 @@ fn an_overlay_grown_past_a_longer_backing_file_reads_zeros_there() {
 /// left is the old one or the grown one, never corrupt, its data intact.
 #[test]
 fn power_cut_at_every_write_of_a_grow() {
-    let m = Arc::new(MemStorage::new());
-    qcow2::create(
-        Box::new(m.clone()),
-        CreateOptions {
-            size: 3 << 20,
-            cluster_bits: 9,
-            ..CreateOptions::default()
-        },
-    )
-    .unwrap();
-    let rw = Qcow2Image::open(
-        Box::new(m.clone()),
-        &blockdev::DenyGate,
-        &OpenOptions {
-            writable: true,
-            ..OpenOptions::default()
-        },
-    )
-    .unwrap();
-    rw.write_at(&[7u8; 300_000], 1_000_000).unwrap();
-    rw.flush().unwrap();
-    drop(rw);
+    let m = mem_image(3 << 20, None);
+    write_mem(&m, &[7u8; 300_000], 1_000_000);
     let initial = m.to_vec();
     let (old, new) = (3u64 << 20, 24u64 << 20);
     let clean = Arc::new(CrashStorage::new(initial.clone(), None));
@@ -246,6 +226,31 @@ fn power_cut_at_every_write_of_a_grow() {
     }
 }
 
+/// An in-memory qcow2 of `size` bytes in 512-byte clusters, over `backing` when given.
+fn mem_image(size: u64, backing: Option<&str>) -> Arc<MemStorage> {
+    let m = Arc::new(MemStorage::new());
+    let opts = CreateOptions {
+        size,
+        cluster_bits: 9,
+        backing_file: backing.map(str::to_string),
+        backing_format: backing.map(|_| "qcow2".to_string()),
+        ..CreateOptions::default()
+    };
+    qcow2::create(Box::new(m.clone()), opts).unwrap();
+    m
+}
+
+/// Writes `data` at `off` into the in-memory image `m` (no backing file) and flushes.
+fn write_mem(m: &Arc<MemStorage>, data: &[u8], off: u64) {
+    let opts = OpenOptions {
+        writable: true,
+        ..OpenOptions::default()
+    };
+    let rw = Qcow2Image::open(Box::new(m.clone()), &blockdev::DenyGate, &opts).unwrap();
+    rw.write_at(data, off).unwrap();
+    rw.flush().unwrap();
+}
+
 /// Serves one in-memory qcow2 image as every backing file.
 struct MemGate(Vec<u8>);
 
@@ -274,45 +279,13 @@ impl blockdev::OpenGate for MemGate {
 /// show: the overlay reads as before, or grown with zeros past its old end.
 #[test]
 fn power_cut_at_every_write_of_a_grow_over_a_longer_backing_file() {
-    let base = Arc::new(MemStorage::new());
-    qcow2::create(
-        Box::new(base.clone()),
-        CreateOptions {
-            size: 2 << 20,
-            cluster_bits: 9,
-            ..CreateOptions::default()
-        },
-    )
-    .unwrap();
-    let rw = Qcow2Image::open(
-        Box::new(base.clone()),
-        &blockdev::DenyGate,
-        &OpenOptions {
-            writable: true,
-            ..OpenOptions::default()
-        },
-    )
-    .unwrap();
-    rw.write_at(&vec![9u8; 2 << 20], 0).unwrap();
-    rw.flush().unwrap();
-    drop(rw);
+    let base = mem_image(2 << 20, None);
+    write_mem(&base, &vec![9u8; 2 << 20], 0);
     let gate = MemGate(base.to_vec());
 
     // The overlay ends mid-cluster, 100 KiB + 512 into the 2 MiB base.
     let old = 100 * 1024 + 512;
-    let top = Arc::new(MemStorage::new());
-    qcow2::create(
-        Box::new(top.clone()),
-        CreateOptions {
-            size: old,
-            cluster_bits: 9,
-            backing_file: Some("base.qcow2".into()),
-            backing_format: Some("qcow2".into()),
-            ..CreateOptions::default()
-        },
-    )
-    .unwrap();
-    let initial = top.to_vec();
+    let initial = mem_image(old, Some("base.qcow2")).to_vec();
     let new = 4 << 20;
     let open_survivor = |bytes: Vec<u8>| {
         Qcow2Image::open(

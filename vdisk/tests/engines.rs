@@ -205,6 +205,11 @@ fn io(img: &Path, cmds: &[&str]) {
     assert_eq!(code, 0, "qemu-io: {out}{err}");
 }
 
+/// Converts the chain of `top` to `dst` with `--keep-chain` and options `o`.
+fn keep_chain(top: &Path, dst: &Path, o: &ConvertOptions) {
+    vdisk::convert_chain(top, dst, &OpenOptions::default(), o, None, &mut |_, _| {}).unwrap();
+}
+
 /// Creates a qcow2 `img` of `size` over the backing file `backing` (a name beside it).
 fn overlay(img: &Path, backing: &str, size: Option<&str>) {
     let mut args = vec!["create", "-q", "-f", "qcow2", "-b", backing, "-F", "qcow2"];
@@ -566,15 +571,7 @@ fn keep_chain_partial_zero_units_keep_the_parents_bytes() {
     let mut o = ConvertOptions::new(Format::Qcow2);
     o.options = vec![("cluster_size".into(), "2M".into())];
     o.verify = true;
-    vdisk::convert_chain(
-        &top,
-        &dst,
-        &OpenOptions::default(),
-        &o,
-        None,
-        &mut |_, _| {},
-    )
-    .unwrap();
+    keep_chain(&top, &dst, &o);
     assert_eq!(testsupport::qemu_sha256(&dst, "qcow2"), want);
     qemu_check(&dst, Format::Qcow2);
     // Same for a VHDX with 4096-byte sectors over 512-byte zero runs is covered by units of
@@ -859,15 +856,7 @@ fn keep_chain_to_4096_byte_sectors_rounds_every_layer_alike() {
     let mut o = ConvertOptions::new(Format::Vhdx);
     o.options = vec![("logical_sector_size".into(), "4096".into())];
     o.verify = true;
-    vdisk::convert_chain(
-        &top,
-        &dst,
-        &OpenOptions::default(),
-        &o,
-        None,
-        &mut |_, _| {},
-    )
-    .unwrap();
+    keep_chain(&top, &dst, &o);
     let new = open(&dst);
     assert_eq!(new.size(), 24567808);
     let src = open(&top);
