@@ -176,54 +176,52 @@ fn power_cut_at_every_write_of_a_grow() {
     write_mem(&m, &[7u8; 300_000], 1_000_000);
     let initial = m.to_vec();
     let (old, new) = (3u64 << 20, 24u64 << 20);
-    let clean = Arc::new(CrashStorage::new(initial.clone(), None));
-    qcow2::grow(
-        Box::new(clean.clone()),
-        &blockdev::DenyGate,
-        new,
-        &Limits::default(),
-    )
-    .unwrap();
+    power_cut_each_write(&initial, &blockdev::DenyGate, old, new, |img, at| {
+        let mut b = vec![0u8; 300_000];
+        img.read_at(&mut b, 1_000_000).unwrap();
+        assert!(b.iter().all(|&x| x == 7), "{at}: data lost");
+    });
+}
+
+/// Grows `initial` to `new` bytes with a power cut after each write in turn (in order, and
+/// keeping a seeded subset of the unflushed writes): every survivor opens through `gate`, has
+/// no corruption and is `old` or `new` bytes long; `after` checks its content. Returns the
+/// image grown without a cut.
+fn power_cut_each_write(
+    initial: &[u8],
+    gate: &dyn blockdev::OpenGate,
+    old: u64,
+    new: u64,
+    after: impl Fn(&Qcow2Image, &str),
+) -> Qcow2Image {
+    let open = |bytes: Vec<u8>| {
+        Qcow2Image::open(
+            Box::new(MemStorage::read_only(bytes)),
+            gate,
+            &OpenOptions::default(),
+        )
+    };
+    let clean = Arc::new(CrashStorage::new(initial.to_vec(), None));
+    qcow2::grow(Box::new(clean.clone()), gate, new, &Limits::default()).unwrap();
     let total = clean.ops();
     assert!(total > 5, "{total} operations");
     for n in 1..=total {
         for seed in [None, Some(n), Some(n + 11)] {
             let st = Arc::new(match seed {
-                None => CrashStorage::new(initial.clone(), Some(n)),
-                Some(k) => CrashStorage::reordering(initial.clone(), Some(n), k),
+                None => CrashStorage::new(initial.to_vec(), Some(n)),
+                Some(k) => CrashStorage::reordering(initial.to_vec(), Some(n), k),
             });
-            let _ = qcow2::grow(
-                Box::new(st.clone()),
-                &blockdev::DenyGate,
-                new,
-                &Limits::default(),
-            );
-            let img = Qcow2Image::open(
-                Box::new(MemStorage::read_only(st.crash_image().to_vec())),
-                &blockdev::DenyGate,
-                &OpenOptions::default(),
-            )
-            .unwrap_or_else(|e| panic!("crash after op {n} ({seed:?}): {e}"));
+            let _ = qcow2::grow(Box::new(st.clone()), gate, new, &Limits::default());
+            let at = format!("crash after op {n} ({seed:?})");
+            let img = open(st.crash_image().to_vec()).unwrap_or_else(|e| panic!("{at}: {e}"));
             let rep = img.check().unwrap();
-            assert_eq!(
-                rep.corruptions(),
-                0,
-                "crash after op {n} ({seed:?}): {:?}",
-                rep.findings
-            );
-            assert!(
-                img.size() == old || img.size() == new,
-                "size {}",
-                img.size()
-            );
-            let mut b = vec![0u8; 300_000];
-            img.read_at(&mut b, 1_000_000).unwrap();
-            assert!(
-                b.iter().all(|&x| x == 7),
-                "crash after op {n} ({seed:?}): data lost"
-            );
+            assert_eq!(rep.corruptions(), 0, "{at}: {:?}", rep.findings);
+            let size = img.size();
+            assert!(size == old || size == new, "size {size}");
+            after(&img, &at);
         }
     }
+    open(clean.crash_image().to_vec()).unwrap()
 }
 
 /// An in-memory qcow2 of `size` bytes in 512-byte clusters, over `backing` when given.
@@ -287,47 +285,18 @@ fn power_cut_at_every_write_of_a_grow_over_a_longer_backing_file() {
     let old = 100 * 1024 + 512;
     let initial = mem_image(old, Some("base.qcow2")).to_vec();
     let new = 4 << 20;
-    let open_survivor = |bytes: Vec<u8>| {
-        Qcow2Image::open(
-            Box::new(MemStorage::read_only(bytes)),
-            &gate,
-            &OpenOptions::default(),
-        )
-    };
-    let clean = Arc::new(CrashStorage::new(initial.clone(), None));
-    qcow2::grow(Box::new(clean.clone()), &gate, new, &Limits::default()).unwrap();
-    let total = clean.ops();
-    let grown = open_survivor(clean.crash_image().to_vec()).unwrap();
-    assert_eq!(grown.size(), new);
     let mut all = vec![0u8; new as usize];
+    let grown = power_cut_each_write(&initial, &gate, old, new, |img, at| {
+        let mut b = vec![0u8; img.size() as usize];
+        img.read_at(&mut b, 0).unwrap();
+        assert!(b[..old as usize].iter().all(|&x| x == 9), "{at}");
+        assert!(b[old as usize..].iter().all(|&x| x == 0), "{at}");
+    });
+    assert_eq!(grown.size(), new);
     grown.read_at(&mut all, 0).unwrap();
     assert!(all[..old as usize].iter().all(|&x| x == 9));
     assert!(
         all[old as usize..].iter().all(|&x| x == 0),
         "the base shows past the old end"
     );
-    assert!(total > 5, "{total} operations");
-    for n in 1..=total {
-        for seed in [None, Some(n), Some(n + 5)] {
-            let st = Arc::new(match seed {
-                None => CrashStorage::new(initial.clone(), Some(n)),
-                Some(k) => CrashStorage::reordering(initial.clone(), Some(n), k),
-            });
-            let _ = qcow2::grow(Box::new(st.clone()), &gate, new, &Limits::default());
-            let img = open_survivor(st.crash_image().to_vec())
-                .unwrap_or_else(|e| panic!("crash after op {n} ({seed:?}): {e}"));
-            let rep = img.check().unwrap();
-            assert_eq!(
-                rep.corruptions(),
-                0,
-                "crash after op {n} ({seed:?}): {:?}",
-                rep.findings
-            );
-            let size = img.size();
-            assert!(size == old || size == new, "size {size}");
-            let mut b = vec![0u8; size as usize];
-            img.read_at(&mut b, 0).unwrap();
-            assert_eq!(b[..], all[..size as usize], "crash after op {n} ({seed:?})");
-        }
-    }
 }

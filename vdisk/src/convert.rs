@@ -371,35 +371,37 @@ fn verify_output(
     };
     let out = ChainGate::new(open_opts).open_top(tmp)?;
     let expected = report.digest.clone().unwrap_or_default();
-    let view = crate::view::Prefix::new(out.as_ref(), source_size)?;
+    verify_against(out.as_ref(), source_size, &expected, "the output", None)
+}
+
+/// Checks that `out` reads, over its first `source_size` bytes, as the source whose
+/// `sparse-sha256` is `expected`, and as zeros past them (an output rounded up to its sector
+/// size). `what` names the output in the errors.
+pub(crate) fn verify_against(
+    out: &dyn BlockDevice,
+    source_size: u64,
+    expected: &str,
+    what: &str,
+    cancel: Option<&AtomicBool>,
+) -> Result<()> {
+    let view = crate::view::Prefix::new(out, source_size)?;
     let got = crate::digest::digest(
         &view,
         crate::digest::DigestAlgorithm::SparseSha256,
-        None,
+        cancel,
         &mut |_, _| {},
     )?;
     if got != expected {
         return Err(Error::new(
             ErrorKind::Mismatch,
-            format!("verification failed: the output's content digest {got} differs from the source's {expected}"),
+            format!("verification failed: {what}'s content digest {got} differs from the source's {expected}"),
         ));
     }
-    if out.size() > source_size {
-        let pad = crate::view::Window::new(out.as_ref(), source_size, out.size() - source_size)?;
-        let zero = crate::digest::digest(
-            &pad,
-            crate::digest::DigestAlgorithm::SparseSha256,
-            None,
-            &mut |_, _| {},
-        )?;
-        let mut z = SparseDigest::new(pad.size());
-        z.push_zeros(pad.size().div_ceil(SPARSE_BLOCK));
-        if zero != z.finish()? {
-            return Err(Error::new(
-                ErrorKind::Mismatch,
-                "verification failed: the padding after the source's end is not zero",
-            ));
-        }
+    if let Some(at) = crate::first_nonzero(out, source_size)? {
+        return Err(Error::new(
+            ErrorKind::Mismatch,
+            format!("verification failed: {what} holds data at {at}, past the source's end"),
+        ));
     }
     Ok(())
 }

@@ -182,31 +182,14 @@ fn verify_chain(
             ..OpenOptions::default()
         },
     )?;
-    let alg = crate::digest::DigestAlgorithm::SparseSha256;
-    let want = crate::digest::digest(src, alg, cancel, &mut |_, _| {})?;
-    // The new chain may be longer (rounded up to the output's sector size): the source's
-    // length of it must match, and the rest read as zeros.
-    let view = crate::view::Prefix::new(out.as_ref(), src.size())?;
-    let got = crate::digest::digest(&view, alg, cancel, &mut |_, _| {})?;
-    if out.size() > src.size() {
-        if let Some(at) = crate::first_nonzero(out.as_ref(), src.size())? {
-            return Err(Error::new(
-                ErrorKind::Mismatch,
-                format!(
-                    "verification failed: the new chain holds data at {at}, past the source's end"
-                ),
-            )
-            .with_path(dst));
-        }
-    }
-    if got != want {
-        return Err(Error::new(
-            ErrorKind::Mismatch,
-            format!("verification failed: the new chain's content digest {got} differs from the source's {want}"),
-        )
-        .with_path(dst));
-    }
-    Ok(())
+    let want = crate::digest::digest(
+        src,
+        crate::digest::DigestAlgorithm::SparseSha256,
+        cancel,
+        &mut |_, _| {},
+    )?;
+    crate::convert::verify_against(out.as_ref(), src.size(), &want, "the new chain", cancel)
+        .map_err(|e| e.with_path(dst))
 }
 
 /// Writes one upper layer: its Data ranges (aligned to the output's unit, read through the

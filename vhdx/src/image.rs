@@ -135,12 +135,12 @@ impl VhdxImage {
                         // A new FileWriteGuid before the first change, replay included
                         // (MS-VHDX 2.2.2); the LogGuid stays so the log is still found.
                         nh.file_write_guid = Guid::random()?;
-                        write_header_slot(&*storage, &mut nh, &mut slot, slot_off)?;
+                        write_header_slot(&*storage, &mut nh, &mut slot)?;
                     }
                     log::replay_to_disk(&*storage, &sc.replay, new_len)?;
                     nh.log_guid = Guid::ZERO;
                     for _ in 0..2 {
-                        write_header_slot(&*storage, &mut nh, &mut slot, slot_off)?;
+                        write_header_slot(&*storage, &mut nh, &mut slot)?;
                     }
                     current = nh;
                 } else if !sc.replay.is_empty() {
@@ -574,21 +574,9 @@ impl VhdxImage {
 
     fn write_headers(&self, hs: &mut HeaderState, mut nh: Header, times: usize) -> Result<()> {
         for _ in 0..times {
-            nh.seq = hs.current.seq.checked_add(1).ok_or_else(|| {
-                Error::corrupt(
-                    "header.sequence_number",
-                    HEADER_OFFSETS.get(hs.slot).copied().unwrap_or(0) + 8,
-                    "header sequence number would overflow: refusing to write",
-                )
-            })?;
-            let other = 1 - hs.slot;
-            self.storage.write_at(
-                &nh.to_bytes(),
-                HEADER_OFFSETS.get(other).copied().unwrap_or(0),
-            )?;
-            self.storage.flush()?;
+            nh.seq = hs.current.seq;
+            write_header_slot(&*self.storage, &mut nh, &mut hs.slot)?;
             hs.current = nh.clone();
-            hs.slot = other;
         }
         Ok(())
     }
@@ -869,18 +857,13 @@ impl VhdxImage {
 }
 
 /// Writes `nh` with the next sequence number into the header slot after `slot`, flushes,
-/// and makes that slot current (used before the image's header state exists).
-fn write_header_slot(
-    storage: &dyn Storage,
-    nh: &mut Header,
-    slot: &mut usize,
-    first_slot_off: u64,
-) -> Result<()> {
+/// and makes that slot current.
+fn write_header_slot(storage: &dyn Storage, nh: &mut Header, slot: &mut usize) -> Result<()> {
     nh.seq = nh.seq.checked_add(1).ok_or_else(|| {
         Error::corrupt(
             "header.sequence_number",
-            first_slot_off + 8,
-            "header sequence number would overflow",
+            HEADER_OFFSETS.get(*slot).copied().unwrap_or(0) + 8,
+            "header sequence number would overflow: refusing to write",
         )
     })?;
     let other = 1 - *slot;
