@@ -83,6 +83,11 @@ pub struct VhdxImage {
     write_lock: Mutex<()>,
 }
 
+/// Most blocks one logged update covers. Each update is one log entry, so it is atomic, and
+/// its metadata stays a few sectors (BAT entries, sector bitmaps of the partial ends) and its
+/// zero buffer small; a longer write is a sequence of such updates.
+const UPDATE_BLOCKS: u64 = 64;
+
 fn lock_err() -> Error {
     Error::new(ErrorKind::Io, "vhdx lock poisoned")
 }
@@ -373,6 +378,13 @@ impl VhdxImage {
         self.close_log(&mut hs)
     }
 
+    /// Bytes from `pos` to the end of its piece of [`UPDATE_BLOCKS`] blocks: writes are
+    /// applied piece by piece, each one logged update.
+    fn update_step(&self, pos: u64) -> u64 {
+        let step = self.geom.block_size * UPDATE_BLOCKS;
+        step - pos % step
+    }
+
     /// Block size in bytes.
     pub fn block_size(&self) -> u64 {
         self.geom.block_size
@@ -581,31 +593,34 @@ impl VhdxImage {
         Ok(())
     }
 
-    /// Commits metadata sector images through the log: entry, flush, apply, flush.
+    /// Commits metadata sector images through the log as one entry: entry, flush, apply,
+    /// flush. One entry is what makes the update atomic; the writers keep each update to a few
+    /// sectors (at most [`UPDATE_BLOCKS`] blocks), and the smallest log (1 MiB) carries 254.
     fn commit(&self, hs: &mut HeaderState, sectors: &BTreeMap<u64, Vec<u8>>) -> Result<()> {
         if sectors.is_empty() {
             return Ok(());
         }
         let log_len = u64::from(hs.current.log_length);
-        let cap = log::entry_capacity(log_len / LOG_SECTOR).clamp(1, 4000) as usize;
         let list: Vec<(u64, Vec<u8>)> = sectors.iter().map(|(k, v)| (*k, v.clone())).collect();
-        for group in list.chunks(cap) {
-            // The exact length, durable since the last flush: replay refuses a file shorter
-            // than FlushedFileOffset as truncated.
-            let flen = self.storage.len()?;
-            let seq = hs.log_seq;
-            let e = log::build_entry(&hs.current.log_guid, seq, 0, 0, flen, flen, group);
-            if e.len() as u64 > log_len {
-                return Err(Error::unsupported("metadata update does not fit the log"));
-            }
-            self.storage.write_at(&e, hs.current.log_offset)?;
-            self.storage.flush()?;
-            for (off, data) in group {
-                self.storage.write_at(data, *off)?;
-            }
-            self.storage.flush()?;
-            hs.log_seq = seq + 1;
+        if list.len() as u64 > log::entry_capacity(log_len / LOG_SECTOR) {
+            return Err(Error::unsupported(format!(
+                "a metadata update of {} sectors does not fit the {log_len}-byte log",
+                list.len()
+            ))
+            .with_field("header.log_length"));
         }
+        // The exact length, durable since the last flush: replay refuses a file shorter than
+        // FlushedFileOffset as truncated.
+        let flen = self.storage.len()?;
+        let seq = hs.log_seq;
+        let e = log::build_entry(&hs.current.log_guid, seq, 0, 0, flen, flen, &list);
+        self.storage.write_at(&e, hs.current.log_offset)?;
+        self.storage.flush()?;
+        for (off, data) in &list {
+            self.storage.write_at(data, *off)?;
+        }
+        self.storage.flush()?;
+        hs.log_seq = seq + 1;
         Ok(())
     }
 
@@ -943,18 +958,26 @@ impl BlockDevice for VhdxImage {
         self.check_write(offset, buf.len() as u64)?;
         let _w = self.write_lock.lock().map_err(|_| lock_err())?;
         let mut hs = self.hdr.lock().map_err(|_| lock_err())?;
-        self.write_inner(&mut hs, Some(buf), offset, buf.len() as u64, false)
+        let len = buf.len() as u64;
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(self.update_step(offset + done));
+            let piece = buf
+                .get(done as usize..(done + n) as usize)
+                .unwrap_or_default();
+            self.write_inner(&mut hs, Some(piece), offset + done, n, false)?;
+            done += n;
+        }
+        Ok(())
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, deallocate: bool) -> Result<()> {
         self.check_write(offset, len)?;
         let _w = self.write_lock.lock().map_err(|_| lock_err())?;
         let mut hs = self.hdr.lock().map_err(|_| lock_err())?;
-        // Process in bounded pieces so the zero buffer stays small.
-        let step = self.geom.block_size * 64;
         let mut done = 0u64;
         while done < len {
-            let n = (len - done).min(step - (offset + done) % step);
+            let n = (len - done).min(self.update_step(offset + done));
             self.write_inner(&mut hs, None, offset + done, n, deallocate)?;
             done += n;
         }

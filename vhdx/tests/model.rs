@@ -262,3 +262,44 @@ fn sector_bitmap_is_lsb_first() {
     img.read_at(&mut b, 0).unwrap();
     assert!(b[..512].iter().all(|&x| x == 0) && b[512..].iter().all(|&x| x == 7));
 }
+
+/// A write spanning more blocks than one logged update covers (64) is applied piece by
+/// piece, the pieces meeting inside partial blocks of a differencing image.
+#[test]
+fn a_write_longer_than_one_update_is_applied_in_pieces() {
+    for logical in [512u32, 4096] {
+        let size = 140 * MIB;
+        let pbytes = create_mem(&CreateOptions {
+            size,
+            block_size: MIB,
+            logical,
+            ..CreateOptions::default()
+        });
+        let pm = Arc::new(MemStorage::from_vec(pbytes));
+        let p = open_with(Box::new(pm.clone()), true, &DirGate::new(), 0).unwrap();
+        let pdata: Vec<u8> = (0..size).map(|i| (i / 4096) as u8 | 0x80).collect();
+        p.write_at(&pdata, 0).unwrap();
+        p.flush().unwrap();
+        let child = create_mem(&CreateOptions {
+            block_size: MIB,
+            logical,
+            parent: Some(link_of(&p)),
+            ..CreateOptions::default()
+        });
+        drop(p);
+        let gate = MemGate {
+            parent: pm.to_vec(),
+        };
+        let img = open_with(Box::new(MemStorage::from_vec(child)), true, &gate, 0).unwrap();
+        let (off, len) = (u64::from(logical), 133 * MIB);
+        let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        img.write_at(&data, off).unwrap();
+        img.write_zeroes(70 * MIB + 8192, 66 * MIB, false).unwrap();
+        img.flush().unwrap();
+        let mut model = pdata.clone();
+        model[off as usize..(off + len) as usize].copy_from_slice(&data);
+        model[(70 * MIB + 8192) as usize..(136 * MIB + 8192) as usize].fill(0);
+        assert!(read_all(&img) == model, "logical {logical}");
+        assert_eq!(img.check().unwrap().corruptions(), 0);
+    }
+}
