@@ -725,6 +725,13 @@ struct ConvertArgs {
     dst: PathBuf,
 }
 
+/// A target as it is spelled on the command line.
+fn target_name(t: Target) -> String {
+    clap::ValueEnum::to_possible_value(&t)
+        .map(|v| v.get_name().to_owned())
+        .unwrap_or_default()
+}
+
 fn convert(a: ConvertArgs, cancel: &AtomicBool) -> Result<Code> {
     let mut open = a.open.clone();
     if let Some(s) = &a.snapshot {
@@ -732,13 +739,11 @@ fn convert(a: ConvertArgs, cancel: &AtomicBool) -> Result<Code> {
     }
     let opts = open_options(&open, a.format.as_deref(), false)?;
     let (src, chain) = vdisk::open_with_paths(&a.src, &opts)?;
-    // Replacing the source itself is a re-layout (it is read whole before the rename), but a
-    // lower layer replaced by the flattened output would break the source chain.
-    vdisk::refuse_overwriting(
-        &a.dst,
-        chain.get(1..).unwrap_or_default(),
-        "a parent/backing file of the source",
-    )?;
+    // Not even the source itself, with --force (qemu-img refuses too): the new file would
+    // drop what a conversion does not carry (qcow2 snapshots) and the identity that images
+    // built on it are linked to (VHD/VHDX parent IDs, a qcow2 backing format). A lower layer
+    // replaced by the flattened output would break the source chain.
+    vdisk::refuse_overwriting(&a.dst, &chain, "the source or a parent/backing file of it")?;
 
     let mut out_opts = parse_kv_list(&a.options)?;
     let mut size = None;
@@ -752,24 +757,46 @@ fn convert(a: ConvertArgs, cancel: &AtomicBool) -> Result<Code> {
             if let Some(n) = named {
                 if n.parse::<Format>()? != f {
                     return Err(Error::invalid_argument(format!(
-                        "--target {t:?} writes {f}, not {n}"
+                        "--target {} writes {f}, not {n}",
+                        target_name(t)
                     )));
                 }
             }
-            let preset: &[(&str, &str)] = match t {
-                Target::Azure => &[("subformat", "fixed")],
+            // (key, value, required): a required setting is what the platform accepts, so an
+            // -o that contradicts it is refused; the others are defaults that -o may change.
+            let preset: &[(&str, &str, bool)] = match t {
+                Target::Azure => &[("subformat", "fixed", true)],
                 Target::Hyperv => &[
-                    ("subformat", "dynamic"),
-                    ("physical_sector_size", "4096"),
-                    ("block_size", "32M"),
+                    ("subformat", "dynamic", false),
+                    ("physical_sector_size", "4096", false),
+                    ("block_size", "32M", false),
                 ],
-                Target::Xen => &[("dialect", "xen")],
-                Target::Kvm => &[("compat", "1.1")],
+                Target::Xen => &[("dialect", "xen", true)],
+                Target::Kvm => &[("compat", "1.1", true)],
             };
+            for (key, value, required) in preset {
+                let Some((_, given)) = out_opts.iter().rev().find(|(k, _)| k == key) else {
+                    continue;
+                };
+                let same = given.eq_ignore_ascii_case(value)
+                    || (*key == "compat" && matches!(given.as_str(), "v3" | "3"));
+                if same {
+                    continue;
+                }
+                let name = target_name(t);
+                if *required {
+                    return Err(Error::invalid_argument(format!(
+                        "--target {name} needs {key}={value}: -o {key}={given} would give an image it rejects"
+                    )));
+                }
+                eprintln!(
+                    "vdconv: notice: -o {key}={given} replaces --target {name}'s {key}={value}"
+                );
+            }
             // User options come after the preset, so they win.
             let mut v: Vec<(String, String)> = preset
                 .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .map(|(k, v, _)| (k.to_string(), v.to_string()))
                 .collect();
             v.append(&mut out_opts);
             out_opts = v;

@@ -306,6 +306,55 @@ fn target_azure_rounds_to_whole_mib_with_a_notice() {
 }
 
 #[test]
+fn target_settings_the_platform_needs_cannot_be_overridden() {
+    let d = tempfile::tempdir().unwrap();
+    let a = d.path().join("disk.raw");
+    sparse_raw(&a, 4 << 20, &[(0, 65536)], 3);
+    // Azure takes only fixed VHDs: a dynamic one would fail at upload.
+    let out = d.path().join("azure.vhd");
+    let (code, _, err) = run(vdconv()
+        .args(["convert", "--target", "azure", "-o", "subformat=dynamic"])
+        .arg(&a)
+        .arg(&out));
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("--target azure needs subformat=fixed"),
+        "{err}"
+    );
+    assert!(!out.exists());
+    let (code, _, err) = run(vdconv()
+        .args(["convert", "--target", "kvm", "-o", "compat=0.10"])
+        .arg(&a)
+        .arg(d.path().join("k.qcow2")));
+    assert_eq!(code, 2, "{err}");
+    // The target's name as the command line spells it.
+    let (code, _, err) = run(vdconv()
+        .args(["convert", "--target", "hyperv", "-O", "qcow2"])
+        .arg(&a)
+        .arg(d.path().join("h.qcow2")));
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("--target hyperv writes vhdx, not qcow2"),
+        "{err}"
+    );
+    // Hyper-V's block size is a default: another one is taken, with a notice.
+    let out = d.path().join("h.vhdx");
+    let (code, _, err) = run(vdconv()
+        .args(["convert", "--target", "hyperv", "-o", "block_size=1M"])
+        .arg(&a)
+        .arg(&out));
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("replaces --target hyperv's block_size=32M"),
+        "{err}"
+    );
+    let (code, info, _) = run(vdconv().args(["info", "--output", "json"]).arg(&out));
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(v["format_specific"]["block_size"], 1 << 20, "{info}");
+}
+
+#[test]
 fn keep_chain_then_commit_from_the_command_line() {
     require_tool("qemu-img");
     let d = tempfile::tempdir().unwrap();
@@ -420,11 +469,16 @@ fn outputs_never_replace_what_they_are_made_from() {
             .arg(p("base.qcow2")),
         "convert onto the source's parent",
     );
-    // Re-laying out the source itself stays allowed: it is read whole before the rename.
-    ok(vdconv()
-        .args(["convert", "-O", "qcow2", "--force"])
-        .arg(p("base.qcow2"))
-        .arg(p("base.qcow2")));
+    // Nor the source itself: top.qcow2 names base.qcow2 as a qcow2 backing file.
+    refused(
+        vdconv()
+            .args(["convert", "-O", "raw", "--force"])
+            .arg(p("base.qcow2"))
+            .arg(p("base.qcow2")),
+        "convert onto the source itself",
+    );
+    let (code, out, err) = run(vdconv().arg("info").arg(p("top.qcow2")));
+    assert_eq!(code, 0, "{out}{err}");
 }
 
 #[test]
