@@ -30,6 +30,8 @@ pub struct Extent {
     pub kind: ExtentKind,
     /// Where the bytes sit in the image file, when they are stored uncompressed and contiguous.
     pub host_offset: Option<u64>,
+    /// The layer stores these bytes compressed (qcow2 compressed clusters).
+    pub compressed: bool,
 }
 
 impl Extent {
@@ -40,7 +42,14 @@ impl Extent {
             len,
             kind,
             host_offset: None,
+            compressed: false,
         }
+    }
+
+    /// The same extent, stored compressed.
+    pub fn compressed(mut self) -> Self {
+        self.compressed = true;
+        self
     }
 
     /// The same extent with a host offset.

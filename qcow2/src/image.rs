@@ -463,8 +463,22 @@ impl Qcow2Image {
         }
     }
 
-    /// The extent at `offset` as this layer sees it.
-    fn status_of(&self, m: Mapping, gc: u64, within: u64) -> (ExtentKind, Option<u64>, u64) {
+    /// The extent at `offset` as this layer sees it: kind, host offset, length, and whether
+    /// it is a compressed cluster.
+    fn status_of(&self, m: Mapping, gc: u64, within: u64) -> (ExtentKind, Option<u64>, u64, bool) {
+        if let Mapping::Compressed { .. } = m {
+            return (ExtentKind::Data, None, self.cs() - within, true);
+        }
+        let (kind, host, len) = self.status_uncompressed(m, gc, within);
+        (kind, host, len, false)
+    }
+
+    fn status_uncompressed(
+        &self,
+        m: Mapping,
+        gc: u64,
+        within: u64,
+    ) -> (ExtentKind, Option<u64>, u64) {
         let cs = self.cs();
         let rest = cs - within;
         let host_ok = self.data_file.is_none();
@@ -673,7 +687,7 @@ impl BlockDevice for Qcow2Image {
         let want = max_len.max(1).min(size - offset);
         let gc = offset / cs;
         let within = offset % cs;
-        let (kind, host, first) = self.status_of(self.lookup(gc)?, gc, within);
+        let (kind, host, first, compressed) = self.status_of(self.lookup(gc)?, gc, within);
         let mut len = first;
         let mut next_host = host.map(|h| h + first);
         let mut g = offset + first;
@@ -690,8 +704,8 @@ impl BlockDevice for Qcow2Image {
                 g += n * cs;
                 continue;
             }
-            let (k2, h2, l2) = self.status_of(self.lookup(ngc)?, ngc, 0);
-            if k2 != kind || h2 != next_host {
+            let (k2, h2, l2, c2) = self.status_of(self.lookup(ngc)?, ngc, 0);
+            if k2 != kind || h2 != next_host || c2 != compressed {
                 break;
             }
             len += l2;
@@ -705,6 +719,9 @@ impl BlockDevice for Qcow2Image {
         let mut e = Extent::new(offset, len, kind);
         if let Some(h) = host {
             e = e.at_host(h);
+        }
+        if compressed {
+            e = e.compressed();
         }
         Ok(e)
     }

@@ -281,6 +281,14 @@ fn map_agrees(img: &Path) {
             if let (Some(h), Some(o)) = (ours.host_offset, e["offset"].as_u64()) {
                 assert_eq!(h, o + (off - start), "host offset at {off}");
             }
+            if depth == 0 {
+                assert_eq!(
+                    ours.compressed,
+                    e["compressed"].as_bool().unwrap_or(false),
+                    "{}: compressed at {off}: qemu {e}",
+                    img.display()
+                );
+            }
             off += ours.len.min(start + len - off);
         }
     }
@@ -321,6 +329,28 @@ fn block_status_matches_qemu_map() {
     let raw = pattern_raw(d);
     let z = convert(d, &raw, "z.qcow2", &["-c"]);
     map_agrees(&z);
+    // Compressed and plain clusters side by side, zstd.
+    let mixed = d.join("mixed.qcow2");
+    let (rc, _, err) = common::qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "compression_type=zstd",
+        mixed.to_str().unwrap(),
+        "4M",
+    ]);
+    assert_eq!(rc, 0, "{err}");
+    common::qemu_io(
+        &mixed,
+        "qcow2",
+        &[
+            "write -c -P 7 0 128k",
+            "write -P 8 128k 64k",
+            "write -c -P 9 192k 64k",
+        ],
+    );
+    map_agrees(&mixed);
     let plain = convert(d, &raw, "p.qcow2", &[]);
     map_agrees(&plain);
 }

@@ -17,6 +17,8 @@ pub struct ChainExtent {
     pub depth: u32,
     /// Host offset in the answering layer's file, when known.
     pub host_offset: Option<u64>,
+    /// The answering layer stores the data compressed.
+    pub compressed: bool,
 }
 
 /// Resolves `block_status` through the backing chain: `Unallocated` ranges are asked of the
@@ -50,6 +52,7 @@ pub fn chain_status(dev: &dyn BlockDevice, offset: u64, max_len: u64) -> Result<
                     present: true,
                     depth,
                     host_offset: e.host_offset,
+                    compressed: e.compressed,
                 })
             }
             ExtentKind::Zero => {
@@ -60,6 +63,7 @@ pub fn chain_status(dev: &dyn BlockDevice, offset: u64, max_len: u64) -> Result<
                     present: true,
                     depth,
                     host_offset: e.host_offset,
+                    compressed: false,
                 })
             }
             _ => match cur.backing() {
@@ -76,6 +80,7 @@ pub fn chain_status(dev: &dyn BlockDevice, offset: u64, max_len: u64) -> Result<
                         present: false,
                         depth,
                         host_offset: None,
+                        compressed: false,
                     })
                 }
             },

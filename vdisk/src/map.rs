@@ -19,8 +19,8 @@ pub struct MapEntry {
     pub zero: bool,
     /// Whether a layer holds data for it.
     pub data: bool,
-    /// Whether the data is stored compressed (always false: compressed clusters are reported
-    /// as data without a host offset).
+    /// Whether the answering layer stores the data compressed (qcow2 compressed clusters,
+    /// which have no `offset`).
     pub compressed: bool,
     /// Offset in the answering layer's file, when contiguous and uncompressed.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -41,7 +41,7 @@ pub fn map(dev: &dyn BlockDevice) -> Result<Vec<MapEntry>> {
             present: e.present,
             zero: !e.data,
             data: e.data,
-            compressed: false,
+            compressed: e.compressed,
             offset: e.host_offset,
         };
         match out.last_mut() {
@@ -50,6 +50,7 @@ pub fn map(dev: &dyn BlockDevice) -> Result<Vec<MapEntry>> {
                     && last.present == entry.present
                     && last.zero == entry.zero
                     && last.data == entry.data
+                    && last.compressed == entry.compressed
                     && match (last.offset, entry.offset) {
                         (Some(a), Some(b)) => a.checked_add(last.length) == Some(b),
                         (None, None) => true,
