@@ -239,7 +239,8 @@ pub enum Command {
         /// Format of the second image.
         #[arg(short = 'F')]
         format_b: Option<String>,
-        /// Images of different sizes are different (by default the larger one's tail must be zero).
+        /// Strict: images of different sizes differ (by default the larger one's tail must be
+        /// zero), and so do ranges allocated differently (data, zero or nothing), as qemu-img -s.
         #[arg(short = 's', long)]
         strict: bool,
         /// Output format.

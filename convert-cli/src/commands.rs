@@ -181,22 +181,28 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> Result<Code> {
                 OutputFormat::Json => outln!(
                     "{}",
                     serde_json::json!({"schema": SCHEMA, "identical": r.identical,
-                        "first_difference": r.first_difference, "sizes": [r.sizes.0, r.sizes.1]})
+                        "first_difference": r.first_difference, "mismatch": r.mismatch,
+                        "sizes": [r.sizes.0, r.sizes.1]})
                 ),
                 OutputFormat::Human => {
-                    if r.identical {
-                        outln!("Images are identical.");
-                    } else if r.sizes.0 != r.sizes.1 && strict {
-                        outln!(
+                    // qemu-img's wording, which scripts may match.
+                    if r.sizes.0 != r.sizes.1 && !strict {
+                        outln!("Warning: Image size mismatch!");
+                    }
+                    let at = r.first_difference.unwrap_or(0);
+                    match r.mismatch {
+                        None => outln!("Images are identical."),
+                        Some(vdisk::Mismatch::Size) => outln!(
                             "Strict mode: image size mismatch ({} vs {} bytes)!",
                             r.sizes.0,
                             r.sizes.1
-                        );
-                    } else {
-                        outln!(
-                            "Content mismatch at offset {}!",
-                            r.first_difference.unwrap_or(0)
-                        );
+                        ),
+                        Some(vdisk::Mismatch::Allocation) => {
+                            outln!("Strict mode: Offset {at} block status mismatch!")
+                        }
+                        Some(vdisk::Mismatch::Content) => {
+                            outln!("Content mismatch at offset {at}!")
+                        }
                     }
                 }
             }

@@ -306,6 +306,63 @@ fn target_azure_rounds_to_whole_mib_with_a_notice() {
 }
 
 #[test]
+fn compare_strict_fails_on_allocation_as_qemu_img_does() {
+    require_tool("qemu-img");
+    let d = tempfile::tempdir().unwrap();
+    let img = |name: &str, io: &[&str]| {
+        let p = d.path().join(name);
+        let (code, _, err) = run(Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&p)
+            .arg("4M"));
+        assert_eq!(code, 0, "{err}");
+        for c in io {
+            let (code, _, err) = run(Command::new("qemu-io").args(["-c", c]).arg(&p));
+            assert_eq!(code, 0, "{err}");
+        }
+        p
+    };
+    // Same content (all zeros), allocated three ways: nothing, a zero cluster, zero data.
+    let empty = img("e.qcow2", &[]);
+    let zero = img("z.qcow2", &["write -z 0 64k"]);
+    let data = img("d.qcow2", &["write -P 0 0 64k"]);
+    for (a, b) in [(&empty, &zero), (&empty, &data), (&zero, &data)] {
+        let (code, out, _) = run(vdconv().arg("compare").arg(a).arg(b));
+        assert_eq!(code, 0, "{out}");
+        let (code, out, _) = run(vdconv().args(["compare", "-s"]).arg(a).arg(b));
+        assert_eq!(code, 1, "{out}");
+        assert!(
+            out.contains("Strict mode: Offset 0 block status mismatch!"),
+            "{out}"
+        );
+        let (qcode, qout, _) = run(Command::new("qemu-img")
+            .args(["compare", "-s"])
+            .arg(a)
+            .arg(b));
+        assert_eq!(qcode, 1, "{qout}");
+    }
+    let (code, out, _) = run(vdconv()
+        .args(["compare", "-s", "--output", "json"])
+        .arg(&zero)
+        .arg(&data));
+    assert_eq!(code, 1);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["mismatch"], "allocation", "{out}");
+    let (code, out, _) = run(vdconv().args(["compare", "-s"]).arg(&data).arg(&data));
+    assert_eq!(code, 0, "{out}");
+    // Without -s, a size difference with a zero tail is a warning, as qemu-img prints it.
+    let small = d.path().join("s.qcow2");
+    let (code, _, err) = run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&small)
+        .arg("2M"));
+    assert_eq!(code, 0, "{err}");
+    let (code, out, _) = run(vdconv().arg("compare").arg(&small).arg(&empty));
+    assert_eq!(code, 0, "{out}");
+    assert!(out.starts_with("Warning: Image size mismatch!"), "{out}");
+}
+
+#[test]
 fn target_settings_the_platform_needs_cannot_be_overridden() {
     let d = tempfile::tempdir().unwrap();
     let a = d.path().join("disk.raw");

@@ -12,16 +12,34 @@ pub struct CompareResult {
     pub identical: bool,
     /// The first differing guest offset.
     pub first_difference: Option<u64>,
+    /// What differs there (`None` when identical).
+    pub mismatch: Option<Mismatch>,
     /// Sizes of the two images.
     pub sizes: (u64, u64),
 }
 
+/// What made two images different.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mismatch {
+    /// The guest bytes differ.
+    Content,
+    /// The sizes differ (strict mode).
+    Size,
+    /// The chains allocate the range differently (strict mode): one holds data, a zero
+    /// range or nothing where the other holds another of the three.
+    Allocation,
+}
+
 /// Compares `a` and `b` byte for byte; ranges both chains report as zero are not read.
-pub fn compare(
-    a: &dyn BlockDevice,
-    b: &dyn BlockDevice,
-    strict_size: bool,
-) -> Result<CompareResult> {
+/// `strict` (qemu-img compare -s) also fails on different sizes and on different allocation.
+pub fn compare(a: &dyn BlockDevice, b: &dyn BlockDevice, strict: bool) -> Result<CompareResult> {
+    let differ = |at: u64, why: Mismatch| CompareResult {
+        identical: false,
+        first_difference: Some(at),
+        mismatch: Some(why),
+        sizes: (a.size(), b.size()),
+    };
     let (sa, sb) = (a.size(), b.size());
     let common = sa.min(sb);
     const CHUNK: u64 = 4 << 20;
@@ -32,6 +50,9 @@ pub fn compare(
         let ea = chain_status(a, pos, common - pos)?;
         let eb = chain_status(b, pos, common - pos)?;
         let run = ea.len.min(eb.len).min(common - pos);
+        if strict && (ea.present, ea.data) != (eb.present, eb.data) {
+            return Ok(differ(pos, Mismatch::Allocation));
+        }
         if !ea.data && !eb.data {
             pos += run;
             continue;
@@ -57,34 +78,23 @@ pub fn compare(
                 .zip(xb.iter())
                 .position(|(x, y)| x != y)
                 .unwrap_or(0);
-            return Ok(CompareResult {
-                identical: false,
-                first_difference: Some(pos + i as u64),
-                sizes: (sa, sb),
-            });
+            return Ok(differ(pos + i as u64, Mismatch::Content));
         }
         pos += n;
     }
     if sa != sb {
         let larger: &dyn BlockDevice = if sa > sb { a } else { b };
-        if strict_size {
-            return Ok(CompareResult {
-                identical: false,
-                first_difference: Some(common),
-                sizes: (sa, sb),
-            });
+        if strict {
+            return Ok(differ(common, Mismatch::Size));
         }
         if let Some(off) = first_nonzero(larger, common)? {
-            return Ok(CompareResult {
-                identical: false,
-                first_difference: Some(off),
-                sizes: (sa, sb),
-            });
+            return Ok(differ(off, Mismatch::Content));
         }
     }
     Ok(CompareResult {
         identical: true,
         first_difference: None,
+        mismatch: None,
         sizes: (sa, sb),
     })
 }

@@ -29,7 +29,7 @@ mod probe;
 pub mod view;
 
 pub use commit::commit;
-pub use compare::{compare, first_nonzero, CompareResult};
+pub use compare::{compare, first_nonzero, CompareResult, Mismatch};
 pub use convert::{convert, ConvertOptions, ConvertReport};
 pub use create::{create, open_parent, refuse_overwriting, CreateOptions};
 pub use digest::{digest, DigestAlgorithm};
