@@ -120,12 +120,20 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> Result<Code> {
                 Some(f) => f.parse()?,
                 None => format_from_name(&image, "-f")?,
             };
+            // qemu-img's `-o size=` and `-o backing_file=` are the size argument and `-b`.
+            let mut options = parse_kv_list(&options)?;
+            let size = flag_or_option(size, take_option(&mut options, "size"), "SIZE", "size")?;
+            let backing = flag_or_option(
+                backing,
+                take_option(&mut options, "backing_file"),
+                "-b",
+                "backing_file",
+            )?;
             let size = size
                 .as_deref()
                 .map(parse_size)
                 .transpose()?
                 .map(|s| whole_sectors(s, format));
-            let options = parse_kv_list(&options)?;
             let backing_format = backing_fmt_of(backing_format, &options)?;
             if let Some(s) = size {
                 check_target_capacity(format, s)?;
@@ -350,6 +358,32 @@ fn whole_sectors(size: u64, format: Format) -> u64 {
         );
     }
     s
+}
+
+/// Removes every `key=` from `options`, returning the last value.
+fn take_option(options: &mut Vec<(String, String)>, key: &str) -> Option<String> {
+    let last = options
+        .iter()
+        .rev()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.clone());
+    options.retain(|(k, _)| k != key);
+    last
+}
+
+/// A value given as an argument (`flag`) or as `-o key=`; given both ways, it must be the same.
+fn flag_or_option(
+    flag: Option<String>,
+    opt: Option<String>,
+    flag_name: &str,
+    key: &str,
+) -> Result<Option<String>> {
+    match (flag, opt) {
+        (Some(f), Some(o)) if f != o => Err(Error::invalid_argument(format!(
+            "{flag_name} {f} and -o {key}={o} disagree"
+        ))),
+        (f, o) => Ok(f.or(o)),
+    }
 }
 
 /// `-F`, or qemu-img's `-o backing_fmt=` when `-F` is absent; both must agree.

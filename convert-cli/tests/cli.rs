@@ -363,6 +363,40 @@ fn compare_strict_fails_on_allocation_as_qemu_img_does() {
 }
 
 #[test]
+fn create_takes_size_and_backing_file_as_options_like_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let p = |n: &str| d.path().join(n);
+    let (code, _, err) = run(vdconv()
+        .args(["create", "-f", "qcow2", "-o", "size=3M,cluster_size=4096"])
+        .arg(p("a.qcow2")));
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = run(vdconv()
+        .args([
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "backing_file=a.qcow2,backing_fmt=qcow2",
+        ])
+        .arg(p("b.qcow2")));
+    assert_eq!(code, 0, "{err}");
+    let (code, out, _) = run(vdconv()
+        .args(["info", "--output", "json"])
+        .arg(p("b.qcow2")));
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["virtual_size"], 3 << 20, "{out}");
+    assert_eq!(v["backing"]["reference"], "a.qcow2", "{out}");
+    // Given both ways, they must agree.
+    let (code, _, err) = run(vdconv()
+        .args(["create", "-f", "qcow2", "-o", "size=3M"])
+        .arg(p("c.qcow2"))
+        .arg("4M"));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("SIZE 4M and -o size=3M disagree"), "{err}");
+}
+
+#[test]
 fn target_settings_the_platform_needs_cannot_be_overridden() {
     let d = tempfile::tempdir().unwrap();
     let a = d.path().join("disk.raw");
