@@ -148,6 +148,9 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> Result<Code> {
                 limits: blockdev::Limits::default(),
             };
             vdisk::create(&image, &opts)?;
+            if let Some(b) = &opts.backing {
+                note_confined_backing(&image, b);
+            }
             Ok(Code::Ok)
         }
         Command::Check {
@@ -358,6 +361,25 @@ fn whole_sectors(size: u64, format: Format) -> u64 {
         );
     }
     s
+}
+
+/// Tells the user when the parent of a new image lies outside the image's directory: opening
+/// the image will then need `--backing-dir` (parents are confined, see the README's Safety).
+fn note_confined_backing(image: &Path, reference: &str) {
+    let dir = image
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let (Ok(dir), Ok(parent)) = (dir.canonicalize(), dir.join(reference).canonicalize()) else {
+        return;
+    };
+    if let Some(pdir) = parent.parent().filter(|p| !p.starts_with(&dir)) {
+        eprintln!(
+            "vdconv: notice: the backing file is outside the image's directory: commands that open {} need --backing-dir {}",
+            image.display(),
+            pdir.display()
+        );
+    }
 }
 
 /// Removes every `key=` from `options`, returning the last value.
@@ -898,6 +920,11 @@ fn convert(a: ConvertArgs, cancel: &AtomicBool) -> Result<Code> {
         eprintln!("vdconv: notice: the source has {logical}-byte logical sectors; {how}");
     }
     let backing_format = backing_fmt_of(a.backing_format.clone(), &out_opts)?;
+    if a.backing.is_none() && backing_format.is_some() {
+        return Err(Error::invalid_argument(
+            "a backing format (-F) needs a backing file (-B)",
+        ));
+    }
     let backing = match &a.backing {
         Some(r) => Some(vdisk::open_parent(
             &a.dst,
@@ -936,6 +963,9 @@ fn convert(a: ConvertArgs, cancel: &AtomicBool) -> Result<Code> {
     p.finish(report.virtual_size);
     if let Some(d) = &report.digest {
         eprintln!("Verified: output content matches the source (sparse-sha256 {d}).");
+    }
+    if let Some(b) = &a.backing {
+        note_confined_backing(&a.dst, b);
     }
     Ok(Code::Ok)
 }

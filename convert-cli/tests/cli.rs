@@ -397,6 +397,45 @@ fn create_takes_size_and_backing_file_as_options_like_qemu_img() {
 }
 
 #[test]
+fn a_parent_outside_the_image_directory_is_named_as_refused_not_missing() {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(d.path().join("a")).unwrap();
+    std::fs::create_dir_all(d.path().join("b")).unwrap();
+    let base = d.path().join("b/base.qcow2");
+    let top = d.path().join("a/top.qcow2");
+    let (code, _, err) = run(vdconv()
+        .args(["create", "-f", "qcow2"])
+        .arg(&base)
+        .arg("1M"));
+    assert_eq!(code, 0, "{err}");
+    // create says at once that opening the new image will need --backing-dir.
+    let (code, _, err) = run(vdconv()
+        .args(["create", "-f", "qcow2", "-b", "../b/base.qcow2"])
+        .arg(&top));
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("need --backing-dir"), "{err}");
+    let (code, _, err) = run(vdconv().arg("digest").arg(&top));
+    assert_eq!(code, 6, "{err}");
+    assert!(
+        err.contains("parent/backing file '../b/base.qcow2' not opened")
+            && err.contains("outside the image's directory"),
+        "{err}"
+    );
+    let (code, _, err) = run(vdconv()
+        .arg("digest")
+        .arg("--backing-dir")
+        .arg(d.path().join("b"))
+        .arg(&top));
+    assert_eq!(code, 0, "{err}");
+    // A backing format needs a backing file, as qemu-img says.
+    let (code, _, err) = run(vdconv()
+        .args(["convert", "-O", "qcow2", "-F", "qcow2"])
+        .arg(&base)
+        .arg(d.path().join("x.qcow2")));
+    assert_eq!(code, 2, "{err}");
+}
+
+#[test]
 fn target_settings_the_platform_needs_cannot_be_overridden() {
     let d = tempfile::tempdir().unwrap();
     let a = d.path().join("disk.raw");

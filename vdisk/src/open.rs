@@ -207,12 +207,17 @@ impl ChainGate {
     }
 
     fn not_found(req: &BackingRequest<'_>, refused: &[String]) -> Error {
-        let recorded: Vec<&str> = req.candidates.iter().map(Candidate::text).collect();
+        // Found but refused (outside the allowed directories) is not "not found".
+        let what = if refused.iter().all(|r| r.ends_with("(not found)")) {
+            "not found"
+        } else {
+            "not opened"
+        };
         Error::new(
             ErrorKind::BackingNotFound,
             format!(
-                "parent/backing file {:?} not found; tried: {}",
-                recorded,
+                "parent/backing file {} {what}; tried: {}",
+                recorded_names(req),
                 if refused.is_empty() {
                     "nothing".to_string()
                 } else {
@@ -224,10 +229,12 @@ impl ChainGate {
 
     fn check_depth(&self, req: &BackingRequest<'_>) -> Result<()> {
         if self.opts.no_backing {
-            let recorded: Vec<&str> = req.candidates.iter().map(Candidate::text).collect();
             return Err(Error::new(
                 ErrorKind::BackingDenied,
-                format!("not following the reference to {recorded:?} (--no-backing)"),
+                format!(
+                    "not following the reference to {} (--no-backing)",
+                    recorded_names(req)
+                ),
             ));
         }
         if req.depth > self.opts.limits.max_chain_depth {
@@ -302,4 +309,20 @@ impl OpenGate for ChainGate {
     fn skip_backing(&self) -> bool {
         self.opts.no_backing
     }
+}
+
+/// The names a reference records (VHD/VHDX keep several), quoted, distinct, in order.
+fn recorded_names(req: &BackingRequest<'_>) -> String {
+    let mut names: Vec<&str> = Vec::new();
+    for c in &req.candidates {
+        let t = c.text();
+        if !t.is_empty() && !names.contains(&t) {
+            names.push(t);
+        }
+    }
+    names
+        .iter()
+        .map(|n| format!("'{n}'"))
+        .collect::<Vec<_>>()
+        .join(" or ")
 }
