@@ -230,6 +230,7 @@ pub(crate) fn rebuild(img: &Qcow2Image) -> Result<Rebuilt> {
     )?);
     let epb = h.refcount_block_entries();
     let mut stored = vec![0u64; usize::try_from(nclusters).unwrap_or(0)];
+    let mut past_end_leaks = 0u64;
     for (i, &e) in rt.iter().enumerate() {
         let at = h.refcount_table_offset + i as u64 * 8;
         let field = format!("refcount_table[{i}]");
@@ -262,6 +263,7 @@ pub(crate) fn rebuild(img: &Qcow2Image) -> Result<Rebuilt> {
             if let Some(s) = usize::try_from(c).ok().and_then(|ci| stored.get_mut(ci)) {
                 *s = v;
             } else if v != 0 {
+                past_end_leaks += 1;
                 cx.report.add(
                     Severity::Leak,
                     &field,
@@ -304,7 +306,7 @@ pub(crate) fn rebuild(img: &Qcow2Image) -> Result<Rebuilt> {
         cx.meta(off, len, "crypto_header");
     }
     // Compare.
-    let mut leaks = 0u64;
+    let mut leaks = past_end_leaks;
     let mut errors = 0u64;
     for (c, (&r, &s)) in cx.refs.iter().zip(stored.iter()).enumerate() {
         let r = u64::from(r);
@@ -360,9 +362,15 @@ pub(crate) fn rebuild(img: &Qcow2Image) -> Result<Rebuilt> {
             );
         }
     }
+    // As qemu-img counts it: past the last cluster in use or with a refcount (leaks included).
+    let end = stored
+        .iter()
+        .rposition(|&r| r != 0)
+        .map_or(0, |c| (c as u64 + 1).saturating_mul(cs))
+        .max(cx.end);
     cx.report
         .stats
-        .insert("image_end_offset".into(), cx.end.into());
+        .insert("image_end_offset".into(), end.into());
     cx.report
         .stats
         .insert("allocated_clusters".into(), cx.allocated.into());
@@ -525,6 +533,32 @@ pub fn repair_leaks(storage: Box<dyn Storage>) -> Result<u64> {
                 u64::from(r),
             );
             fixed += 1;
+        }
+    }
+    // Refcounts of clusters past the end of the file (no cluster there references anything).
+    let nclusters = rb.stored.len() as u64;
+    for (i, &e) in rt.iter().enumerate() {
+        let b = e & REFTABLE_OFFSET_MASK;
+        let first = i as u64 * epb;
+        if b == 0 || first.saturating_add(epb) <= nclusters {
+            continue;
+        }
+        let block = match blocks.entry(b) {
+            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => v.insert(read_table(
+                img.storage.as_ref(),
+                b,
+                cs,
+                &img.limits,
+                "refcount_block",
+            )?),
+        };
+        for k in nclusters.saturating_sub(first)..epb {
+            let k = usize::try_from(k).unwrap_or(usize::MAX);
+            if refcount_get(block, h.refcount_order, k) != 0 {
+                refcount_set(block, h.refcount_order, k, 0);
+                fixed += 1;
+            }
         }
     }
     for (b, block) in &blocks {

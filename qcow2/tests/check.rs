@@ -84,12 +84,39 @@ fn finds_leak_and_repairs_it() {
     let rep = check_of(&p, &l.bytes);
     assert_eq!(rep.corruptions(), 0, "{:?}", rep.findings);
     assert!(rep.leaks() >= 1);
-    let (rc, _, _) = common::qemu_img(&["check", "-f", "qcow2", p.to_str().unwrap()]);
+    let (rc, out, _) =
+        common::qemu_img(&["check", "--output=json", "-f", "qcow2", p.to_str().unwrap()]);
     assert_eq!(rc, 3, "qemu-img sees the leak too");
+    let q: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        rep.stats["image_end_offset"], q["image-end-offset"],
+        "the end counts the leaked cluster, as qemu-img's does"
+    );
     let fixed = qcow2::repair_leaks(Box::new(FileStorage::open(&p, true).unwrap())).unwrap();
     assert!(fixed >= 1);
     common::qemu_check_clean(&p);
     assert!(common::open(&p).check().unwrap().findings.is_empty());
+}
+
+#[test]
+fn refcounts_past_the_end_of_the_file_are_leaks_that_repair_clears() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("e.qcow2");
+    let mut l = make(&p);
+    // Two clusters past the end of the file, with refcount 1 (the block covers them).
+    let past = l.bytes.len().div_ceil(65536) + 20;
+    for c in [past, past + 1] {
+        l.bytes[l.block + c * 2..l.block + c * 2 + 2].copy_from_slice(&1u16.to_be_bytes());
+    }
+    let rep = check_of(&p, &l.bytes);
+    assert_eq!(rep.corruptions(), 0, "{:?}", rep.findings);
+    assert_eq!(rep.leaks(), 2, "{:?}", rep.findings);
+    assert_eq!(rep.stats["leaked_clusters"], 2, "{:?}", rep.stats);
+    let fixed = qcow2::repair_leaks(Box::new(FileStorage::open(&p, true).unwrap())).unwrap();
+    assert_eq!(fixed, 2);
+    let rep = common::open(&p).check().unwrap();
+    assert!(rep.findings.is_empty(), "{:?}", rep.findings);
+    common::qemu_check_clean(&p);
 }
 
 #[test]
