@@ -351,7 +351,8 @@ pub(crate) fn rebuild(img: &Qcow2Image) -> Result<Rebuilt> {
             .and_then(|i| stored.get(i))
             .copied()
             .unwrap_or(0);
-        if s != 0 && (s == 1) != copied {
+        // Refcount 0 too (qemu-img counts that mismatch beside the refcount error).
+        if (s == 1) != copied {
             cx.corrupt(
                 &field,
                 at,

@@ -131,6 +131,16 @@ fn finds_corruptions() {
     assert!(rep.findings.iter().any(
         |f| f.severity == Severity::Corruption && f.message.contains("refcount=0 reference=1")
     ));
+    // Counted as qemu-img counts it: the refcount, and COPIED set on a refcount of 0.
+    let (_, out, _) =
+        common::qemu_img(&["check", "--output=json", "-f", "qcow2", p.to_str().unwrap()]);
+    let q: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        rep.corruptions() as u64,
+        q["corruptions"].as_u64().unwrap(),
+        "{:?}",
+        rep.findings
+    );
     // COPIED flag cleared.
     let mut l = make(&p);
     l.bytes[l.l2] &= 0x7f;
