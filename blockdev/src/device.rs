@@ -270,7 +270,10 @@ pub trait BlockDevice: Send + Sync {
 
     /// A consistency check of this layer (not its backing chain).
     fn check(&self) -> Result<CheckReport> {
-        Err(Error::unsupported("this format has no consistency check"))
+        Err(Error::unsupported(format!(
+            "{} images have no metadata to check",
+            self.info().format
+        )))
     }
 
     /// The unit in which this image allocates space (cluster/block size); 1 for byte-granular.

@@ -718,7 +718,7 @@ fn check(
         }
     }
     let dev = vdisk::open(path, &opts)?;
-    let report = dev.check()?;
+    let report = dev.check().map_err(|e| e.with_path(path))?;
     let code = if report.corruptions() > 0 {
         Code::Corrupt
     } else if report.leaks() > 0 {

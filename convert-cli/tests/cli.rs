@@ -436,6 +436,34 @@ fn a_parent_outside_the_image_directory_is_named_as_refused_not_missing() {
 }
 
 #[test]
+fn messages_name_the_file_and_the_problem() {
+    let d = tempfile::tempdir().unwrap();
+    let raw = d.path().join("r.raw");
+    sparse_raw(&raw, 1 << 20, &[(0, 4096)], 5);
+    let (code, _, err) = run(vdconv().arg("check").arg(&raw));
+    assert_eq!(code, 5, "{err}");
+    assert!(
+        err.contains("r.raw: raw images have no metadata to check"),
+        "{err}"
+    );
+    // A directory as the destination is refused before any work, even with --force.
+    let dir = d.path().join("out");
+    std::fs::create_dir(&dir).unwrap();
+    let (code, _, err) = run(vdconv()
+        .args(["convert", "--force", "-O", "qcow2"])
+        .arg(&raw)
+        .arg(&dir));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("destination is a directory"), "{err}");
+    let (code, _, err) = run(vdconv()
+        .args(["create", "-f", "qcow2", "-o", "cluster_size"])
+        .arg(d.path().join("x.qcow2"))
+        .arg("1M"));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("cluster_size: invalid size"), "{err}");
+}
+
+#[test]
 fn target_settings_the_platform_needs_cannot_be_overridden() {
     let d = tempfile::tempdir().unwrap();
     let a = d.path().join("disk.raw");

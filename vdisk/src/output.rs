@@ -18,6 +18,13 @@ impl PendingOutput {
     /// Creates `.NAME.tmp.XXXXXXXX` in `dst`'s directory. Fails early with `AlreadyExists`
     /// when `dst` exists and `force` is false.
     pub fn create(dst: &Path, force: bool) -> Result<(Self, FileStorage)> {
+        // Not even with --force: the rename could not replace it, after all the work.
+        if std::fs::symlink_metadata(dst).is_ok_and(|m| m.is_dir()) {
+            return Err(Error::invalid_argument(
+                "destination is a directory; give the new image's file name",
+            )
+            .with_path(dst));
+        }
         if !force && std::fs::symlink_metadata(dst).is_ok() {
             return Err(Error::new(
                 ErrorKind::AlreadyExists,

@@ -27,7 +27,7 @@ pub(crate) fn open(storage: Box<dyn Storage>, ctx: &OpenCtx<'_>) -> Result<Box<d
     Ok(Box::new(Qcow2Image::open(storage, ctx.gate, &opts)?))
 }
 
-fn parse_size(v: &str) -> Result<u64> {
+fn parse_size(key: &str, v: &str) -> Result<u64> {
     let v = v.trim();
     let (num, mul) = match v.chars().last().map(|c| c.to_ascii_lowercase()) {
         Some('k') => (&v[..v.len() - 1], 1u64 << 10),
@@ -38,7 +38,9 @@ fn parse_size(v: &str) -> Result<u64> {
     num.parse::<u64>()
         .ok()
         .and_then(|n| n.checked_mul(mul))
-        .ok_or_else(|| Error::invalid_argument(format!("invalid size '{v}'")))
+        .ok_or_else(|| {
+            Error::invalid_argument(format!("{key}: invalid size '{v}' (expected e.g. 64K, 2M)"))
+        })
 }
 
 fn on_off(key: &str, v: &str) -> Result<bool> {
@@ -70,7 +72,7 @@ fn create_options(spec: &CreateSpec<'_>) -> Result<CreateOptions> {
         };
     }
     if let Some(v) = option(o_, "cluster_size") {
-        let cs = parse_size(v)?;
+        let cs = parse_size("cluster_size", v)?;
         if !cs.is_power_of_two() || !(512..=(2 << 20)).contains(&cs) {
             return Err(Error::invalid_argument(
                 "cluster_size must be a power of two from 512 to 2M",
