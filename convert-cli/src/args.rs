@@ -187,10 +187,10 @@ pub enum Command {
         /// Open options.
         #[command(flatten)]
         open: OpenArgs,
-        /// Source image.
-        src: PathBuf,
-        /// Destination image.
-        dst: PathBuf,
+        /// Source image (required, except with `-o help`).
+        src: Option<PathBuf>,
+        /// Destination image (required, except with `-o help`).
+        dst: Option<PathBuf>,
     },
     /// Create a new empty image (or a differencing/overlay image over a parent).
     Create {
@@ -209,8 +209,8 @@ pub enum Command {
         /// Replace an existing file.
         #[arg(long)]
         force: bool,
-        /// The new image.
-        image: PathBuf,
+        /// The new image (required, except with `-o help`).
+        image: Option<PathBuf>,
         /// Size, with optional K, M, G, T, P suffix (binary); defaults to the parent's.
         size: Option<String>,
     },

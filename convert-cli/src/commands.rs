@@ -82,6 +82,21 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> Result<Code> {
             src,
             dst,
         } => {
+            if wants_option_help(&options) {
+                let f = target
+                    .map(|t| target_format(t).to_string())
+                    .or(output_format)
+                    .or_else(|| {
+                        dst.as_deref()
+                            .and_then(|d| format_from_name(d, "-O").ok().map(|f| f.to_string()))
+                    });
+                return option_help(f.as_deref(), false);
+            }
+            let (Some(src), Some(dst)) = (src, dst) else {
+                return Err(Error::invalid_argument(
+                    "convert needs a source and a destination image",
+                ));
+            };
             if let Some(why) = qemu.refuse_unsupported() {
                 return Err(Error::new(ErrorKind::Unsupported, why));
             }
@@ -116,6 +131,17 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> Result<Code> {
             image,
             size,
         } => {
+            if wants_option_help(&options) {
+                let f = format.or_else(|| {
+                    image
+                        .as_deref()
+                        .and_then(|i| format_from_name(i, "-f").ok().map(|f| f.to_string()))
+                });
+                return option_help(f.as_deref(), true);
+            }
+            let Some(image) = image else {
+                return Err(Error::invalid_argument("create needs the new image's name"));
+            };
             let format: Format = match format {
                 Some(f) => f.parse()?,
                 None => format_from_name(&image, "-f")?,
@@ -787,6 +813,48 @@ struct ConvertArgs {
     dst: PathBuf,
 }
 
+/// The format a target writes.
+fn target_format(t: Target) -> Format {
+    match t {
+        Target::Azure | Target::Xen => Format::Vhd,
+        Target::Hyperv => Format::Vhdx,
+        Target::Kvm => Format::Qcow2,
+    }
+}
+
+/// qemu-img's `-o help` (or `-o ?`) among the options.
+fn wants_option_help(options: &[String]) -> bool {
+    options
+        .iter()
+        .flat_map(|o| o.split(','))
+        .any(|k| k == "help" || k == "?")
+}
+
+/// Prints the `-o` options of `format` (of every format when none is known), as
+/// `qemu-img create -o help` does.
+fn option_help(format: Option<&str>, create: bool) -> Result<Code> {
+    let formats: Vec<Format> = match format {
+        Some(f) => vec![f.parse()?],
+        None => vec![Format::Raw, Format::Vhd, Format::Vhdx, Format::Qcow2],
+    };
+    for f in formats {
+        outln!("Supported options for {f} (-o K=V,...):");
+        let general: &[(&str, &str)] = match (create, f) {
+            (false, _) => &[],
+            (true, Format::Raw) => &[("size", "the virtual size (the SIZE argument)")],
+            (true, _) => &[
+                ("size", "the virtual size (the SIZE argument)"),
+                ("backing_file", "the parent/backing image (-b)"),
+            ],
+        };
+        for (k, what) in general.iter().chain(vdisk::formats::create_options(f)) {
+            outln!("  {k:<22}{what}");
+        }
+        outln!();
+    }
+    Ok(Code::Ok)
+}
+
 /// A target as it is spelled on the command line.
 fn target_name(t: Target) -> String {
     clap::ValueEnum::to_possible_value(&t)
@@ -811,11 +879,7 @@ fn convert(a: ConvertArgs, cancel: &AtomicBool) -> Result<Code> {
     let mut size = None;
     let out_format: Format = match (a.target, a.output_format.as_deref()) {
         (Some(t), named) => {
-            let f = match t {
-                Target::Azure | Target::Xen => Format::Vhd,
-                Target::Hyperv => Format::Vhdx,
-                Target::Kvm => Format::Qcow2,
-            };
+            let f = target_format(t);
             if let Some(n) = named {
                 if n.parse::<Format>()? != f {
                     return Err(Error::invalid_argument(format!(

@@ -464,6 +464,34 @@ fn messages_name_the_file_and_the_problem() {
 }
 
 #[test]
+fn option_help_lists_each_format_options() {
+    let (code, out, err) = run(vdconv().args(["create", "-f", "qcow2", "-o", "help"]));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("Supported options for qcow2"), "{out}");
+    for key in [
+        "size",
+        "backing_file",
+        "cluster_size",
+        "compression_type",
+        "lazy_refcounts",
+    ] {
+        assert!(out.contains(&format!("  {key} ")), "{key}: {out}");
+    }
+    // convert takes no size or backing file through -o.
+    let (code, out, err) = run(vdconv().args(["convert", "-O", "vhdx", "-o", "?"]));
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("  block_size ") && !out.contains("  size "),
+        "{out}"
+    );
+    // Without -o help, the names are still required.
+    let (code, _, err) = run(vdconv().args(["create", "-f", "qcow2"]));
+    assert_eq!(code, 2, "{err}");
+    let (code, _, err) = run(vdconv().args(["convert", "-O", "qcow2", "a.raw"]));
+    assert_eq!(code, 2, "{err}");
+}
+
+#[test]
 fn target_settings_the_platform_needs_cannot_be_overridden() {
     let d = tempfile::tempdir().unwrap();
     let a = d.path().join("disk.raw");

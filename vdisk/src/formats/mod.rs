@@ -152,17 +152,32 @@ pub fn option<'a>(options: &'a [(String, String)], key: &str) -> Option<&'a str>
 pub fn check_known_options(
     format: Format,
     options: &[(String, String)],
-    known: &[&str],
+    known: &[(&str, &str)],
 ) -> Result<()> {
     for (k, _) in options {
-        if !known.contains(&k.as_str()) {
-            return Err(Error::invalid_argument(format!(
-                "{format} does not support option '{k}' (supported: {})",
-                known.join(", ")
-            )));
+        if !known.iter().any(|(key, _)| key == k) {
+            let keys: Vec<&str> = known.iter().map(|(key, _)| *key).collect();
+            return Err(Error::invalid_argument(if keys.is_empty() {
+                format!("{format} has no options; '{k}' is not one")
+            } else {
+                format!(
+                    "{format} does not support option '{k}' (supported: {}; -o help describes them)",
+                    keys.join(", ")
+                )
+            }));
         }
     }
     Ok(())
+}
+
+/// The `-o` options a new image of `format` takes: (key, what it takes).
+pub fn create_options(format: Format) -> &'static [(&'static str, &'static str)] {
+    match format {
+        Format::Raw => &[],
+        Format::Vhd => vhd::OPTIONS,
+        Format::Vhdx => vhdx::OPTIONS,
+        Format::Qcow2 => qcow2::OPTIONS,
+    }
 }
 
 /// Frees leaked clusters of the image at `path` in place (`check -r leaks`); returns how many.

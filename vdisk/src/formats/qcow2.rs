@@ -6,15 +6,25 @@ use qcow2::{CreateOptions, OpenOptions, Preallocation, Qcow2Image, Qcow2Writer};
 use super::{check_known_options, option, CreateSpec, OpenCtx};
 use crate::format::Format;
 
-const KNOWN: &[&str] = &[
-    "compat",
-    "cluster_size",
-    "refcount_bits",
-    "preallocation",
-    "compression_type",
-    "compress",
-    "lazy_refcounts",
-    "backing_fmt",
+/// The `-o` options of a new qcow2 image, with what each takes (`vdconv create -o help`).
+pub(crate) const OPTIONS: &[(&str, &str)] = &[
+    ("compat", "1.1 (version 3, the default) or 0.10 (version 2)"),
+    (
+        "cluster_size",
+        "a power of two from 512 to 2M (default 64K)",
+    ),
+    ("refcount_bits", "1, 2, 4, 8, 16 (default), 32 or 64"),
+    ("preallocation", "off (default) or metadata"),
+    (
+        "compression_type",
+        "zlib (default) or zstd, for compressed clusters (-c)",
+    ),
+    (
+        "compress",
+        "on or off: compress every cluster written (what -c sets)",
+    ),
+    ("lazy_refcounts", "on or off (default): version 3 only"),
+    ("backing_fmt", "the backing file's format (-F)"),
 ];
 
 pub(crate) fn open(storage: Box<dyn Storage>, ctx: &OpenCtx<'_>) -> Result<Box<dyn BlockDevice>> {
@@ -54,7 +64,7 @@ fn on_off(key: &str, v: &str) -> Result<bool> {
 }
 
 fn create_options(spec: &CreateSpec<'_>) -> Result<CreateOptions> {
-    check_known_options(Format::Qcow2, spec.options, KNOWN)?;
+    check_known_options(Format::Qcow2, spec.options, OPTIONS)?;
     let mut o = CreateOptions {
         size: spec.size,
         ..CreateOptions::default()

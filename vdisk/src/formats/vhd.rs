@@ -8,7 +8,18 @@ use vhd::{
 use super::{check_known_options, option, CreateSpec, OpenCtx};
 use crate::format::Format;
 
-const CREATE_OPTIONS: &[&str] = &["subformat", "block_size", "dialect"];
+/// The `-o` options of a new VHD image, with what each takes (`vdconv create -o help`).
+pub(crate) const OPTIONS: &[(&str, &str)] = &[
+    ("subformat", "dynamic (default) or fixed"),
+    (
+        "block_size",
+        "the dynamic image's block size, a power of two (default 2M)",
+    ),
+    (
+        "dialect",
+        "standard (default) or xen (Xen blktap: a batmap after the BAT)",
+    ),
+];
 
 pub(crate) fn open(storage: Box<dyn Storage>, ctx: &OpenCtx<'_>) -> Result<Box<dyn BlockDevice>> {
     let size_rule = option(ctx.options, "size_rule")
@@ -50,7 +61,7 @@ fn parse_size(s: &str) -> Result<u64> {
 }
 
 fn options(spec: &CreateSpec<'_>) -> Result<CreateOptions> {
-    check_known_options(Format::Vhd, spec.options, CREATE_OPTIONS)?;
+    check_known_options(Format::Vhd, spec.options, OPTIONS)?;
     let subformat = match option(spec.options, "subformat") {
         None | Some("dynamic") => Subformat::Dynamic,
         Some("fixed") => Subformat::Fixed,

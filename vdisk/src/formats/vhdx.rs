@@ -9,11 +9,21 @@ use vhdx::{CreateOptions, Subformat, VhdxImage, VhdxWriter};
 use super::{check_known_options, option, CreateSpec, OpenCtx};
 use crate::format::Format;
 
-const KNOWN: &[&str] = &[
-    "subformat",
-    "block_size",
-    "logical_sector_size",
-    "physical_sector_size",
+/// The `-o` options of a new VHDX image, with what each takes (`vdconv create -o help`).
+pub(crate) const OPTIONS: &[(&str, &str)] = &[
+    ("subformat", "dynamic (default) or fixed"),
+    (
+        "block_size",
+        "1M to 256M, a power of two (default 32M); a bare number is MiB",
+    ),
+    (
+        "logical_sector_size",
+        "512 (default, or the parent's) or 4096",
+    ),
+    (
+        "physical_sector_size",
+        "512 or 4096 (default, or the parent's)",
+    ),
 ];
 
 pub(crate) fn open(storage: Box<dyn Storage>, ctx: &OpenCtx<'_>) -> Result<Box<dyn BlockDevice>> {
@@ -106,7 +116,7 @@ fn relative_path(child: Option<&Path>, parent: &Path, reference: &str) -> String
 }
 
 fn options(spec: &CreateSpec<'_>) -> Result<CreateOptions> {
-    check_known_options(Format::Vhdx, spec.options, KNOWN)?;
+    check_known_options(Format::Vhdx, spec.options, OPTIONS)?;
     let mut o = CreateOptions {
         size: spec.size,
         ..CreateOptions::default()
