@@ -148,12 +148,17 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> Result<Code> {
             };
             // qemu-img's `-o size=` and `-o backing_file=` are the size argument and `-b`.
             let mut options = parse_kv_list(&options)?;
-            let size = flag_or_option(size, take_option(&mut options, "size"), "SIZE", "size")?;
+            let size = flag_or_option(
+                size,
+                take_option(&mut options, "size"),
+                ("SIZE", "size"),
+                |a, b| Ok(parse_size(a)? == parse_size(b)?),
+            )?;
             let backing = flag_or_option(
                 backing,
                 take_option(&mut options, "backing_file"),
-                "-b",
-                "backing_file",
+                ("-b", "backing_file"),
+                |a, b| Ok(a == b),
             )?;
             let size = size
                 .as_deref()
@@ -419,15 +424,16 @@ fn take_option(options: &mut Vec<(String, String)>, key: &str) -> Option<String>
     last
 }
 
-/// A value given as an argument (`flag`) or as `-o key=`; given both ways, it must be the same.
+/// A value given as an argument (`flag`) or as `-o key=` (`names`: how each is spelled);
+/// given both ways, they must be the `same`.
 fn flag_or_option(
     flag: Option<String>,
     opt: Option<String>,
-    flag_name: &str,
-    key: &str,
+    (flag_name, key): (&str, &str),
+    same: impl Fn(&str, &str) -> Result<bool>,
 ) -> Result<Option<String>> {
     match (flag, opt) {
-        (Some(f), Some(o)) if f != o => Err(Error::invalid_argument(format!(
+        (Some(f), Some(o)) if !same(&f, &o)? => Err(Error::invalid_argument(format!(
             "{flag_name} {f} and -o {key}={o} disagree"
         ))),
         (f, o) => Ok(f.or(o)),
