@@ -19,7 +19,9 @@ struct Ctx<'a> {
     cs: u64,
     nclusters: u64,
     refs: Vec<u32>,
-    meta: HashMap<u64, &'static str>,
+    /// Per metadata cluster: its kind, how many references were to that kind, and whether
+    /// it was also referenced as another kind.
+    meta: HashMap<u64, (&'static str, u32, bool)>,
     report: CheckReport,
     past_eof: u64,
     end: u64,
@@ -64,7 +66,9 @@ impl Ctx<'_> {
         // Clusters past the end of the file were reported by `inc`.
         let last = (off.saturating_add(len - 1) / self.cs).min(self.nclusters);
         for c in off / self.cs..=last {
-            self.meta.insert(c, kind);
+            let m = self.meta.entry(c).or_insert((kind, 0, false));
+            m.1 = m.1.saturating_add(1);
+            m.2 |= m.0 != kind;
         }
     }
 
@@ -333,14 +337,18 @@ pub(crate) fn rebuild(img: &Qcow2Image) -> Result<Rebuilt> {
         }
     }
     // Overlapping metadata.
-    let meta: Vec<(u64, &'static str)> = cx.meta.iter().map(|(&c, &k)| (c, k)).collect();
-    for (c, kind) in meta {
+    let meta: Vec<(u64, (&'static str, u32, bool))> =
+        cx.meta.iter().map(|(&c, &m)| (c, m)).collect();
+    for (c, (kind, as_kind, mixed)) in meta {
         let r = usize::try_from(c)
             .ok()
             .and_then(|i| cx.refs.get(i))
             .copied()
             .unwrap_or(0);
-        if r > 1 {
+        // An L2 table shared by the active L1 table and snapshots' is referenced once per
+        // table (its refcount says so); anything else referencing it is an overlap.
+        let shared_l2 = kind == "l2_table" && !mixed && r == as_kind;
+        if r > 1 && !shared_l2 {
             cx.corrupt(kind, c * cs, format!("cluster {c} holds the {kind} and is referenced {r} times (overlapping metadata)"));
         }
     }
