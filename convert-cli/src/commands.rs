@@ -164,7 +164,7 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> Result<Code> {
                 .as_deref()
                 .map(parse_size)
                 .transpose()?
-                .map(|s| whole_sectors(s, format));
+                .map(|s| whole_sectors(s, format, &options));
             let backing_format = backing_fmt_of(backing_format, &options)?;
             if let Some(s) = size {
                 check_target_capacity(format, s)?;
@@ -382,13 +382,22 @@ fn format_from_name(path: &Path, flag: &str) -> Result<Format> {
     }
 }
 
-/// `size` rounded up to whole 512-byte sectors, with a notice when that changes it: every
-/// format but raw counts sectors, and qemu-img rounds the same way.
-fn whole_sectors(size: u64, format: Format) -> u64 {
-    let s = size.div_ceil(512).saturating_mul(512);
+/// `size` rounded up to whole sectors, with a notice when that changes it: every format but
+/// raw counts sectors, and qemu-img rounds the same way. Sectors are 512 bytes, or 4096 for a
+/// VHDX asked for 4096-byte logical sectors in `options`.
+fn whole_sectors(size: u64, format: Format, options: &[(String, String)]) -> u64 {
+    let sector: u64 = match options
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "logical_sector_size")
+    {
+        Some((_, v)) if format == Format::Vhdx && v == "4096" => 4096,
+        _ => 512,
+    };
+    let s = size.div_ceil(sector).saturating_mul(sector);
     if s != size {
         eprintln!(
-            "vdconv: notice: virtual size rounded up from {size} to {s} bytes (whole 512-byte sectors, for {format} as for qemu-img)"
+            "vdconv: notice: virtual size rounded up from {size} to {s} bytes (whole {sector}-byte sectors for {format})"
         );
     }
     s
@@ -971,12 +980,11 @@ fn convert(a: ConvertArgs, cancel: &AtomicBool) -> Result<Code> {
         }
         out_opts.push(("compress".to_string(), "on".to_string()));
     }
-    if size.is_none()
-        && !a.keep_chain
-        && out_format != Format::Raw
-        && !src.size().is_multiple_of(512)
-    {
-        size = Some(whole_sectors(src.size(), out_format));
+    if size.is_none() && !a.keep_chain && out_format != Format::Raw {
+        let s = whole_sectors(src.size(), out_format, &out_opts);
+        if s != src.size() {
+            size = Some(s);
+        }
     }
     check_target_capacity(out_format, size.unwrap_or(src.size()))?;
     let logical = src.sector_sizes().logical;

@@ -461,6 +461,18 @@ fn messages_name_the_file_and_the_problem() {
         .arg("1M"));
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("cluster_size: invalid size"), "{err}");
+    // The size notice names the size the image gets: whole 4096-byte sectors here.
+    let v = d.path().join("s4.vhdx");
+    let (code, _, err) = run(vdconv()
+        .args(["create", "-f", "vhdx", "-o", "logical_sector_size=4096"])
+        .arg(&v)
+        .arg("1000000"));
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("from 1000000 to 1003520 bytes"), "{err}");
+    let (code, out, _) = run(vdconv().args(["info", "--output", "json"]).arg(&v));
+    assert_eq!(code, 0);
+    let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(j["virtual_size"], 1003520, "{out}");
 }
 
 #[test]
