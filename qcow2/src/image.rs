@@ -56,6 +56,16 @@ impl std::fmt::Debug for Qcow2Image {
     }
 }
 
+/// `e` pointed at the table entry at `at` when it is about `field` (its offset was the value
+/// the entry holds).
+fn at_entry(e: Error, field: &str, at: u64) -> Error {
+    if e.field() == Some(field) {
+        e.with_offset(at)
+    } else {
+        e
+    }
+}
+
 /// Reads a table of `len` bytes at `off`, zero-filling what lies past the end of the file.
 pub(crate) fn read_table(
     storage: &dyn Storage,
@@ -320,7 +330,9 @@ impl Qcow2Image {
         if l2_off == 0 {
             return Ok(Mapping::Unallocated);
         }
-        let t = self.l2_table(l2_off)?;
+        let t = self
+            .l2_table(l2_off)
+            .map_err(|e| at_entry(e, "l1_entry", self.l1_offset + l1_idx * 8))?;
         let words = if self.geo.extended { 2 } else { 1 };
         let i = usize::try_from(l2_idx * words).unwrap_or(usize::MAX);
         let entry = t.get(i).copied().unwrap_or(0);
@@ -415,8 +427,28 @@ impl Qcow2Image {
         crate::compress::decompress(kind, &input, out, offset)
     }
 
+    /// Points an error about the L2 entry of guest cluster `gc` (a data cluster past the end
+    /// of the file, say) at that entry rather than at the offset the entry holds.
+    fn at_l2_entry(&self, e: Error, gc: u64) -> Error {
+        let n = self.l2_entries();
+        let words = if self.geo.extended { 2 } else { 1 };
+        let l2 = self
+            .l1_entry(gc / n)
+            .ok()
+            .and_then(|l1e| self.geo.decode_l1(l1e, "l1_entry", 0).ok());
+        match l2 {
+            Some(l2) if l2 != 0 => at_entry(e, "l2_entry", l2 + (gc % n) * 8 * words),
+            _ => e,
+        }
+    }
+
     /// Reads part of one guest cluster `gc` (`within` bytes into it) into `dst`.
     fn read_in_cluster(&self, gc: u64, m: Mapping, within: u64, dst: &mut [u8]) -> Result<()> {
+        self.read_in_cluster_at(gc, m, within, dst)
+            .map_err(|e| self.at_l2_entry(e, gc))
+    }
+
+    fn read_in_cluster_at(&self, gc: u64, m: Mapping, within: u64, dst: &mut [u8]) -> Result<()> {
         let cs = self.cs();
         let guest = gc * cs + within;
         match m {
@@ -650,7 +682,8 @@ impl BlockDevice for Qcow2Image {
                     }
                 }
                 let part = buf.get_mut(pos..pos + n).unwrap_or_default();
-                self.read_host(part, host + within)?;
+                self.read_host(part, host + within)
+                    .map_err(|e| self.at_l2_entry(e, gc))?;
             } else {
                 let part = buf.get_mut(pos..pos + n).unwrap_or_default();
                 self.read_in_cluster(gc, m, within, part)?;

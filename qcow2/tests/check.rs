@@ -239,3 +239,27 @@ fn info_lists_facts() {
     assert_eq!(info.cluster_size, Some(65536));
     assert_eq!(info.virtual_size, 1 << 30);
 }
+
+/// Errors about an entry that points past the end of the file name the entry's own offset.
+#[test]
+fn errors_name_the_offset_of_the_entry_not_its_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("o.qcow2");
+    let mut l = make(&p);
+    // The second L2 entry points 16 MiB into a file far shorter.
+    l.bytes[l.l2 + 8..l.l2 + 16].copy_from_slice(&((1u64 << 63) | (16 << 20)).to_be_bytes());
+    std::fs::write(&p, &l.bytes).unwrap();
+    let img = common::open(&p);
+    let mut b = vec![0u8; 65536];
+    let e = img.read_at(&mut b, 65536).unwrap_err();
+    assert_eq!(e.field(), Some("l2_entry"), "{e}");
+    assert_eq!(e.offset(), Some(l.l2 as u64 + 8), "{e}");
+    // An L1 entry pointing past the end.
+    let mut l = make(&p);
+    l.bytes[l.l1..l.l1 + 8].copy_from_slice(&((1u64 << 63) | (64 << 20)).to_be_bytes());
+    std::fs::write(&p, &l.bytes).unwrap();
+    let img = common::open(&p);
+    let e = img.read_at(&mut b, 0).unwrap_err();
+    assert_eq!(e.field(), Some("l1_entry"), "{e}");
+    assert_eq!(e.offset(), Some(l.l1 as u64), "{e}");
+}

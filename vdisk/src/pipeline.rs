@@ -247,7 +247,10 @@ where
                     .get_mut(pos..end)
                     .ok_or_else(|| Error::new(ErrorKind::Io, "pipeline buffer too small"))?;
                 dev.read_at(slice, offset).map_err(|e| {
-                    e.context(format!("reading the source at guest offset {offset}"))
+                    e.context(format!(
+                        "reading guest bytes {offset:#x}..{:#x} of the source",
+                        offset.saturating_add(len)
+                    ))
                 })?;
                 let extra = process(&item, slice)?;
                 items.push((item, pos, extra));
