@@ -359,7 +359,7 @@ mod tests {
         assert_eq!(err.kind(), ErrorKind::Io);
         assert!(
             err.to_string()
-                .contains(&format!("guest offset {}", 100 * 16384)),
+                .contains(&format!("guest bytes {:#x}..", 100 * 16384)),
             "{err}"
         );
         // Nothing at or after the bad item reached the consumer.
