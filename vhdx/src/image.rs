@@ -83,9 +83,10 @@ pub struct VhdxImage {
     write_lock: Mutex<()>,
 }
 
-/// Most blocks one logged update covers. Each update is one log entry, so it is atomic, and
-/// its metadata stays a few sectors (BAT entries, sector bitmaps of the partial ends) and its
-/// zero buffer small; a longer write is a sequence of such updates.
+/// Most blocks one logged update covers. Each update is one log entry, so it is atomic. Its
+/// metadata is at most 64 BAT entries (2 log sectors, 3 with a chunk's bitmap entry) and the
+/// bitmaps of the two partial ends (16 log sectors each at most: 256 MiB blocks of 512-byte
+/// sectors), under the 254 sectors of the smallest log; a longer write is several updates.
 const UPDATE_BLOCKS: u64 = 64;
 
 fn lock_err() -> Error {
@@ -594,8 +595,8 @@ impl VhdxImage {
     }
 
     /// Commits metadata sector images through the log as one entry: entry, flush, apply,
-    /// flush. One entry is what makes the update atomic; the writers keep each update to a few
-    /// sectors (at most [`UPDATE_BLOCKS`] blocks), and the smallest log (1 MiB) carries 254.
+    /// flush. One entry is what makes the update atomic; the writers keep each update small
+    /// (see [`UPDATE_BLOCKS`]), and the smallest log (1 MiB) carries 254 sectors.
     fn commit(&self, hs: &mut HeaderState, sectors: &BTreeMap<u64, Vec<u8>>) -> Result<()> {
         if sectors.is_empty() {
             return Ok(());
@@ -762,6 +763,17 @@ impl VhdxImage {
             match st {
                 PAYLOAD_FULLY_PRESENT => {
                     self.storage.write_at(data, bat::offset(e) + inb)?;
+                }
+                PAYLOAD_PARTIALLY_PRESENT if whole => {
+                    // All of it is this image's now: one BAT entry instead of setting every
+                    // bit (up to 16 log sectors of bitmap per block), so an update stays small.
+                    self.storage.write_at(data, bat::offset(e) + inb)?;
+                    self.set_entry(
+                        &mut pending,
+                        &mut newbat,
+                        bi,
+                        bat::entry(PAYLOAD_FULLY_PRESENT, bat::offset(e)),
+                    )?;
                 }
                 PAYLOAD_PARTIALLY_PRESENT => {
                     self.storage.write_at(data, bat::offset(e) + inb)?;

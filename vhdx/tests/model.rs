@@ -303,3 +303,38 @@ fn a_write_longer_than_one_update_is_applied_in_pieces() {
         assert_eq!(img.check().unwrap().corruptions(), 0);
     }
 }
+
+/// A whole-block write over a PARTIALLY_PRESENT block makes it FULLY_PRESENT (one BAT entry,
+/// not a whole bitmap of bits), and it reads back whole.
+#[test]
+fn a_whole_block_write_makes_a_partial_block_fully_present() {
+    let pbytes = create_mem(&CreateOptions {
+        size: 4 * MIB,
+        block_size: MIB,
+        ..CreateOptions::default()
+    });
+    let parent = open_with(
+        Box::new(MemStorage::read_only(pbytes.clone())),
+        false,
+        &DirGate::new(),
+        0,
+    )
+    .unwrap();
+    let child = create_mem(&CreateOptions {
+        block_size: MIB,
+        parent: Some(link_of(&parent)),
+        ..CreateOptions::default()
+    });
+    let gate = MemGate { parent: pbytes };
+    let img = open_with(Box::new(MemStorage::from_vec(child)), true, &gate, 0).unwrap();
+    img.write_at(&[7u8; 512], MIB + 512).unwrap();
+    assert_eq!(img.bat_entries()[1] & 7, 7, "PARTIALLY_PRESENT");
+    let data: Vec<u8> = (0..MIB).map(|i| (i % 253) as u8).collect();
+    img.write_at(&data, MIB).unwrap();
+    img.flush().unwrap();
+    assert_eq!(img.bat_entries()[1] & 7, 6, "FULLY_PRESENT");
+    let mut b = vec![0u8; MIB as usize];
+    img.read_at(&mut b, MIB).unwrap();
+    assert!(b == data);
+    assert_eq!(img.check().unwrap().corruptions(), 0);
+}
