@@ -160,12 +160,20 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> Result<Code> {
                 ("-b", "backing_file"),
                 |a, b| Ok(a == b),
             )?;
+            if backing.as_deref() == Some("") {
+                return Err(Error::invalid_argument("the backing file name is empty"));
+            }
             let size = size
                 .as_deref()
                 .map(parse_size)
                 .transpose()?
                 .map(|s| whole_sectors(s, format, &options));
             let backing_format = backing_fmt_of(backing_format, &options)?;
+            if backing.is_none() && backing_format.is_some() {
+                return Err(Error::invalid_argument(
+                    "a backing format (-F) needs a backing file (-b)",
+                ));
+            }
             if let Some(s) = size {
                 check_target_capacity(format, s)?;
             }
@@ -227,8 +235,13 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> Result<Code> {
                         "sizes": [r.sizes.0, r.sizes.1]})
                 ),
                 OutputFormat::Human => {
-                    // qemu-img's wording, which scripts may match.
-                    if r.sizes.0 != r.sizes.1 && !strict {
+                    // qemu-img's wording, which scripts may match; it warns of a size
+                    // difference once the common part has compared equal.
+                    let common = r.sizes.0.min(r.sizes.1);
+                    if r.sizes.0 != r.sizes.1
+                        && !strict
+                        && r.first_difference.is_none_or(|d| d >= common)
+                    {
                         outln!("Warning: Image size mismatch!");
                     }
                     let at = r.first_difference.unwrap_or(0);
@@ -391,7 +404,7 @@ fn whole_sectors(size: u64, format: Format, options: &[(String, String)]) -> u64
         .rev()
         .find(|(k, _)| k == "logical_sector_size")
     {
-        Some((_, v)) if format == Format::Vhdx && v == "4096" => 4096,
+        Some((_, v)) if format == Format::Vhdx && parse_size(v).ok() == Some(4096) => 4096,
         _ => 512,
     };
     let s = size.div_ceil(sector).saturating_mul(sector);
@@ -919,8 +932,20 @@ fn convert(a: ConvertArgs, cancel: &AtomicBool) -> Result<Code> {
                 let Some((_, given)) = out_opts.iter().rev().find(|(k, _)| k == key) else {
                     continue;
                 };
+                // Sizes in any spelling; a bare block_size up to 256 is MiB, as the VHDX
+                // option reads it.
+                let size = |v: &str| {
+                    parse_size(v).ok().map(|n| {
+                        if *key == "block_size" && n <= 256 {
+                            n << 20
+                        } else {
+                            n
+                        }
+                    })
+                };
                 let same = given.eq_ignore_ascii_case(value)
-                    || (*key == "compat" && matches!(given.as_str(), "v3" | "3"));
+                    || (*key == "compat" && matches!(given.as_str(), "v3" | "3"))
+                    || (size(given).is_some() && size(given) == size(value));
                 if same {
                     continue;
                 }

@@ -433,6 +433,11 @@ fn a_parent_outside_the_image_directory_is_named_as_refused_not_missing() {
         .arg(&base)
         .arg(d.path().join("x.qcow2")));
     assert_eq!(code, 2, "{err}");
+    let (code, _, err) = run(vdconv()
+        .args(["create", "-f", "qcow2", "-F", "qcow2"])
+        .arg(d.path().join("y.qcow2"))
+        .arg("1M"));
+    assert_eq!(code, 2, "{err}");
 }
 
 #[test]
@@ -546,6 +551,13 @@ fn target_settings_the_platform_needs_cannot_be_overridden() {
         err.contains("replaces --target hyperv's block_size=32M"),
         "{err}"
     );
+    // The same size in another spelling is no change.
+    let (code, _, err) = run(vdconv()
+        .args(["convert", "--target", "hyperv", "-o", "block_size=32"])
+        .arg(&a)
+        .arg(d.path().join("h32.vhdx")));
+    assert_eq!(code, 0, "{err}");
+    assert!(!err.contains("replaces"), "{err}");
     let (code, info, _) = run(vdconv().args(["info", "--output", "json"]).arg(&out));
     assert_eq!(code, 0);
     let v: serde_json::Value = serde_json::from_str(&info).unwrap();

@@ -234,7 +234,10 @@ pub(crate) fn rebuild(img: &Qcow2Image) -> Result<Rebuilt> {
     )?);
     let epb = h.refcount_block_entries();
     let mut stored = vec![0u64; usize::try_from(nclusters).unwrap_or(0)];
-    let mut past_end_leaks = 0u64;
+    // Refcounts kept for clusters past the end of the file: how many, and the first few
+    // (field, block offset, cluster, refcount) to name.
+    let mut past_end = (0u64, Vec::new());
+    let mut seen_blocks = std::collections::HashSet::new();
     for (i, &e) in rt.iter().enumerate() {
         let at = h.refcount_table_offset + i as u64 * 8;
         let field = format!("refcount_table[{i}]");
@@ -254,6 +257,11 @@ pub(crate) fn rebuild(img: &Qcow2Image) -> Result<Rebuilt> {
             continue;
         }
         cx.meta(off, cs, "refcount_block");
+        // A block named twice is overlapping metadata (reported below) and past the end of
+        // the file a reference to nothing (reported by `meta`): neither is read again.
+        if off >= file_len || !seen_blocks.insert(off) {
+            continue;
+        }
         let block = match read_table(img.storage.as_ref(), off, cs, &img.limits, "refcount_block") {
             Ok(b) => b,
             Err(err) => {
@@ -267,13 +275,10 @@ pub(crate) fn rebuild(img: &Qcow2Image) -> Result<Rebuilt> {
             if let Some(s) = usize::try_from(c).ok().and_then(|ci| stored.get_mut(ci)) {
                 *s = v;
             } else if v != 0 {
-                past_end_leaks += 1;
-                cx.report.add(
-                    Severity::Leak,
-                    &field,
-                    Some(off),
-                    format!("cluster {c} past the end of the file has refcount {v}"),
-                );
+                past_end.0 += 1;
+                if past_end.1.len() < 100 {
+                    past_end.1.push((field.clone(), off, c, v));
+                }
             }
         }
     }
@@ -309,8 +314,32 @@ pub(crate) fn rebuild(img: &Qcow2Image) -> Result<Rebuilt> {
     if let Some((off, len)) = h.crypto {
         cx.meta(off, len, "crypto_header");
     }
+    // Refcounts past the end of the file are leaks when nothing references a cluster there
+    // (references past the end are corruptions, reported by `inc`).
+    let mut leaks = 0u64;
+    if cx.past_eof == 0 && past_end.0 > 0 {
+        leaks = past_end.0;
+        for (field, off, c, v) in &past_end.1 {
+            cx.report.add(
+                Severity::Leak,
+                field,
+                Some(*off),
+                format!("cluster {c} past the end of the file has refcount {v}"),
+            );
+        }
+        if past_end.0 > past_end.1.len() as u64 {
+            cx.report.add(
+                Severity::Leak,
+                "refcount_table",
+                Some(h.refcount_table_offset),
+                format!(
+                    "{} more clusters past the end of the file have refcounts",
+                    past_end.0 - past_end.1.len() as u64
+                ),
+            );
+        }
+    }
     // Compare.
-    let mut leaks = past_end_leaks;
     let mut errors = 0u64;
     for (c, (&r, &s)) in cx.refs.iter().zip(stored.iter()).enumerate() {
         let r = u64::from(r);
@@ -354,11 +383,10 @@ pub(crate) fn rebuild(img: &Qcow2Image) -> Result<Rebuilt> {
     }
     // COPIED flags of the active tables.
     for (field, at, c, copied) in std::mem::take(&mut cx.copied) {
-        let s = usize::try_from(c)
-            .ok()
-            .and_then(|i| stored.get(i))
-            .copied()
-            .unwrap_or(0);
+        // Past the end of the file: that reference is reported already.
+        let Some(&s) = usize::try_from(c).ok().and_then(|i| stored.get(i)) else {
+            continue;
+        };
         // Refcount 0 too (qemu-img counts that mismatch beside the refcount error).
         if (s == 1) != copied {
             cx.corrupt(
@@ -545,7 +573,7 @@ pub fn repair_leaks(storage: Box<dyn Storage>) -> Result<u64> {
         }
     }
     // Refcounts of clusters past the end of the file (no cluster there references anything).
-    let nclusters = rb.stored.len() as u64;
+    let nclusters = img.storage.len()?.div_ceil(cs);
     for (i, &e) in rt.iter().enumerate() {
         let b = e & REFTABLE_OFFSET_MASK;
         let first = i as u64 * epb;

@@ -443,27 +443,31 @@ impl Qcow2Image {
     }
 
     /// Reads part of one guest cluster `gc` (`within` bytes into it) into `dst`.
+    /// Errors of this layer's own reads name the L2 entry; the backing image's are its own.
     fn read_in_cluster(&self, gc: u64, m: Mapping, within: u64, dst: &mut [u8]) -> Result<()> {
-        self.read_in_cluster_at(gc, m, within, dst)
-            .map_err(|e| self.at_l2_entry(e, gc))
-    }
-
-    fn read_in_cluster_at(&self, gc: u64, m: Mapping, within: u64, dst: &mut [u8]) -> Result<()> {
         let cs = self.cs();
         let guest = gc * cs + within;
+        let host_read = |buf: &mut [u8], host: u64| {
+            self.read_host(buf, host)
+                .map_err(|e| self.at_l2_entry(e, gc))
+        };
+        let compressed_read = |offset: u64, len: u64, out: &mut [u8]| {
+            self.read_compressed(offset, len, out)
+                .map_err(|e| self.at_l2_entry(e, gc))
+        };
         match m {
             Mapping::Unallocated => self.read_backing(dst, guest),
             Mapping::Zero { .. } => {
                 dst.fill(0);
                 Ok(())
             }
-            Mapping::Normal { host, .. } => self.read_host(dst, host + within),
+            Mapping::Normal { host, .. } => host_read(dst, host + within),
             Mapping::Compressed { offset, len } => {
                 if within == 0 && dst.len() as u64 == cs {
-                    return self.read_compressed(offset, len, dst);
+                    return compressed_read(offset, len, dst);
                 }
                 let mut tmp = vec![0u8; usize::try_from(cs).unwrap_or(0)];
-                self.read_compressed(offset, len, &mut tmp)?;
+                compressed_read(offset, len, &mut tmp)?;
                 let s = usize::try_from(within).unwrap_or(0);
                 if let Some(src) = tmp.get(s..s + dst.len()) {
                     dst.copy_from_slice(src);
@@ -482,7 +486,7 @@ impl Qcow2Image {
                         break;
                     };
                     if alloc & (1 << i) != 0 {
-                        self.read_host(part, host + o)?;
+                        host_read(part, host + o)?;
                     } else if zero & (1 << i) != 0 {
                         part.fill(0);
                     } else {
@@ -498,19 +502,12 @@ impl Qcow2Image {
     /// The extent at `offset` as this layer sees it: kind, host offset, length, and whether
     /// it is a compressed cluster.
     fn status_of(&self, m: Mapping, gc: u64, within: u64) -> (ExtentKind, Option<u64>, u64, bool) {
-        if let Mapping::Compressed { .. } = m {
-            return (ExtentKind::Data, None, self.cs() - within, true);
-        }
-        let (kind, host, len) = self.status_uncompressed(m, gc, within);
-        (kind, host, len, false)
+        let compressed = matches!(m, Mapping::Compressed { .. });
+        let (kind, host, len) = self.status_parts(m, gc, within);
+        (kind, host, len, compressed)
     }
 
-    fn status_uncompressed(
-        &self,
-        m: Mapping,
-        gc: u64,
-        within: u64,
-    ) -> (ExtentKind, Option<u64>, u64) {
+    fn status_parts(&self, m: Mapping, gc: u64, within: u64) -> (ExtentKind, Option<u64>, u64) {
         let cs = self.cs();
         let rest = cs - within;
         let host_ok = self.data_file.is_none();

@@ -263,3 +263,66 @@ fn errors_name_the_offset_of_the_entry_not_its_value() {
     assert_eq!(e.field(), Some("l1_entry"), "{e}");
     assert_eq!(e.offset(), Some(l.l1 as u64), "{e}");
 }
+
+/// A file cut short under its references: those references are the corruption; the refcounts
+/// of the clusters they name are neither leaks nor COPIED mismatches, and findings are capped.
+#[test]
+fn references_past_a_truncated_end_are_corruption_not_leaks() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("t.qcow2");
+    let ps = p.to_str().unwrap();
+    let (rc, _, err) = common::qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "preallocation=metadata",
+        ps,
+        "64M",
+    ]);
+    assert_eq!(rc, 0, "{err}");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&p)
+        .unwrap()
+        .set_len(2 << 20)
+        .unwrap();
+    let rep = common::open(&p).check().unwrap();
+    assert!(
+        rep.corruptions() > 0 && rep.corruptions() <= 101,
+        "{}",
+        rep.corruptions()
+    );
+    assert_eq!(rep.leaks(), 0, "{:?}", &rep.findings[..3]);
+    assert_eq!(rep.stats["leaked_clusters"], 0);
+    assert!(!rep
+        .findings
+        .iter()
+        .any(|f| f.message.contains("OFLAG_COPIED")));
+}
+
+/// A refcount block whose entries name 32768 clusters past the end of the file: counted in
+/// full, named 100 at a time.
+#[test]
+fn many_refcounts_past_the_end_are_counted_and_findings_capped() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("m.qcow2");
+    let mut l = make(&p);
+    let h = Header::read(&blockdev::MemStorage::from_vec(l.bytes.clone())).unwrap();
+    // A second refcount block, all ones, covering clusters 32768..65535.
+    let at = l.bytes.len().div_ceil(65536) * 65536;
+    l.bytes.resize(at + 65536, 0xff);
+    let rt = h.refcount_table_offset as usize;
+    l.bytes[rt + 8..rt + 16].copy_from_slice(&(at as u64).to_be_bytes());
+    // Its own refcount, so the image is otherwise sound.
+    let c = at / 65536;
+    l.bytes[l.block + c * 2..l.block + c * 2 + 2].copy_from_slice(&1u16.to_be_bytes());
+    let rep = check_of(&p, &l.bytes);
+    assert_eq!(rep.corruptions(), 0, "{:?}", rep.findings);
+    assert_eq!(rep.stats["leaked_clusters"], 32768);
+    assert_eq!(rep.leaks(), 101, "100 named and one summary");
+    let fixed = qcow2::repair_leaks(Box::new(FileStorage::open(&p, true).unwrap())).unwrap();
+    assert_eq!(fixed, 32768);
+    common::qemu_check_clean(&p);
+}

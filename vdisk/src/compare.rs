@@ -41,6 +41,9 @@ pub fn compare(a: &dyn BlockDevice, b: &dyn BlockDevice, strict: bool) -> Result
         sizes: (a.size(), b.size()),
     };
     let (sa, sb) = (a.size(), b.size());
+    if strict && sa != sb {
+        return Ok(differ(sa.min(sb), Mismatch::Size));
+    }
     let common = sa.min(sb);
     const CHUNK: u64 = 4 << 20;
     let mut ba = vec![0u8; CHUNK as usize];
@@ -84,9 +87,6 @@ pub fn compare(a: &dyn BlockDevice, b: &dyn BlockDevice, strict: bool) -> Result
     }
     if sa != sb {
         let larger: &dyn BlockDevice = if sa > sb { a } else { b };
-        if strict {
-            return Ok(differ(common, Mismatch::Size));
-        }
         if let Some(off) = first_nonzero(larger, common)? {
             return Ok(differ(off, Mismatch::Content));
         }
