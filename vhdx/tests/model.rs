@@ -223,8 +223,8 @@ fn concurrent_readers_and_a_writer() {
     }
 }
 
-#[test]
-fn sector_bitmap_is_lsb_first() {
+/// An empty 4 MiB parent with 1 MiB blocks, and a child of it: (child, parent) bytes.
+fn empty_parent_and_child() -> (Vec<u8>, Vec<u8>) {
     let pbytes = create_mem(&CreateOptions {
         size: 4 * MIB,
         block_size: MIB,
@@ -242,6 +242,12 @@ fn sector_bitmap_is_lsb_first() {
         parent: Some(link_of(&parent)),
         ..CreateOptions::default()
     });
+    (child, pbytes)
+}
+
+#[test]
+fn sector_bitmap_is_lsb_first() {
+    let (child, pbytes) = empty_parent_and_child();
     let store = Arc::new(MemStorage::from_vec(child));
     let gate = MemGate { parent: pbytes };
     let img = open_with(Box::new(store.clone()), true, &gate, 0).unwrap();
@@ -308,23 +314,7 @@ fn a_write_longer_than_one_update_is_applied_in_pieces() {
 /// not a whole bitmap of bits), and it reads back whole.
 #[test]
 fn a_whole_block_write_makes_a_partial_block_fully_present() {
-    let pbytes = create_mem(&CreateOptions {
-        size: 4 * MIB,
-        block_size: MIB,
-        ..CreateOptions::default()
-    });
-    let parent = open_with(
-        Box::new(MemStorage::read_only(pbytes.clone())),
-        false,
-        &DirGate::new(),
-        0,
-    )
-    .unwrap();
-    let child = create_mem(&CreateOptions {
-        block_size: MIB,
-        parent: Some(link_of(&parent)),
-        ..CreateOptions::default()
-    });
+    let (child, pbytes) = empty_parent_and_child();
     let gate = MemGate { parent: pbytes };
     let img = open_with(Box::new(MemStorage::from_vec(child)), true, &gate, 0).unwrap();
     img.write_at(&[7u8; 512], MIB + 512).unwrap();
