@@ -126,8 +126,7 @@ fn images_with_snapshots_check_clean_and_repair() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("s.qcow2");
     let ps = p.to_str().unwrap();
-    let (rc, _, err) = common::qemu_img(&["create", "-q", "-f", "qcow2", ps, "4M"]);
-    assert_eq!(rc, 0, "{err}");
+    common::qemu_create(&[ps, "4M"]);
     common::qemu_io(&p, "qcow2", &["write -P 1 0 64k", "write -P 2 1M 128k"]);
     let (rc, _, err) = common::qemu_img(&["snapshot", "-c", "s1", ps]);
     assert_eq!(rc, 0, "{err}");
@@ -214,16 +213,12 @@ fn finds_corruptions() {
 fn info_lists_facts() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("i.qcow2");
-    let (rc, _, err) = common::qemu_img(&[
-        "create",
-        "-f",
-        "qcow2",
+    common::qemu_create(&[
         "-o",
         "lazy_refcounts=on,compression_type=zstd,refcount_bits=8",
         p.to_str().unwrap(),
         "1G",
     ]);
-    assert_eq!(rc, 0, "{err}");
     let info = common::open(&p).info();
     let f = &info.format_specific;
     assert_eq!(f["version"], 3);
@@ -271,17 +266,7 @@ fn references_past_a_truncated_end_are_corruption_not_leaks() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("t.qcow2");
     let ps = p.to_str().unwrap();
-    let (rc, _, err) = common::qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "preallocation=metadata",
-        ps,
-        "64M",
-    ]);
-    assert_eq!(rc, 0, "{err}");
+    common::qemu_create(&["-o", "preallocation=metadata", ps, "64M"]);
     std::fs::OpenOptions::new()
         .write(true)
         .open(&p)

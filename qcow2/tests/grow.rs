@@ -32,17 +32,7 @@ fn grows_a_qemu_image_with_and_without_a_new_l1() {
     let d = tempfile::tempdir().unwrap();
     let img = d.path().join("a.qcow2");
     // 4 KiB clusters: one L1 entry maps 2 MiB, so 16 MiB fill 8 entries.
-    let (rc, _, err) = common::qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=4096",
-        img.to_str().unwrap(),
-        "16M",
-    ]);
-    assert_eq!(rc, 0, "{err}");
+    common::qemu_create(&["-o", "cluster_size=4096", img.to_str().unwrap(), "16M"]);
     common::qemu_io(
         &img,
         "qcow2",
@@ -97,30 +87,18 @@ fn grows_a_qemu_image_with_and_without_a_new_l1() {
 
 /// Creates `top` (qcow2, `size` bytes) over `base.qcow2` beside it, with `extra` options.
 fn overlay(top: &std::path::Path, size: &str, extra: &[&str]) {
-    let mut args = vec![
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-    ];
+    let mut args = vec!["-b", "base.qcow2", "-F", "qcow2"];
     args.extend(extra);
     args.push(top.to_str().unwrap());
     args.push(size);
-    let (rc, _, err) = common::qemu_img(&args);
-    assert_eq!(rc, 0, "{err}");
+    common::qemu_create(&args);
 }
 
 #[test]
 fn an_overlay_grown_past_a_longer_backing_file_reads_zeros_there() {
     let d = tempfile::tempdir().unwrap();
     let base = d.path().join("base.qcow2");
-    let (rc, _, err) =
-        common::qemu_img(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "8M"]);
-    assert_eq!(rc, 0, "{err}");
+    common::qemu_create(&[base.to_str().unwrap(), "8M"]);
     common::qemu_io(&base, "qcow2", &["write -P 0x51 0 8M"]);
 
     // The backing file is longer than the overlay: what it holds past the overlay's end

@@ -127,13 +127,9 @@ fn extended_l2_subclusters() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("ext.qcow2");
     let base = dir.path().join("base.qcow2");
-    let (rc, _, err) = common::qemu_img(&["create", "-f", "qcow2", base.to_str().unwrap(), "8M"]);
-    assert_eq!(rc, 0, "{err}");
+    common::qemu_create(&[base.to_str().unwrap(), "8M"]);
     common::qemu_io(&base, "qcow2", &["write -P 0x11 0 8M"]);
-    let (rc, _, err) = common::qemu_img(&[
-        "create",
-        "-f",
-        "qcow2",
+    common::qemu_create(&[
         "-o",
         "extended_l2=on,cluster_size=64k",
         "-b",
@@ -143,7 +139,6 @@ fn extended_l2_subclusters() {
         img.to_str().unwrap(),
         "8M",
     ]);
-    assert_eq!(rc, 0, "{err}");
     common::qemu_io(
         &img,
         "qcow2",
@@ -168,16 +163,7 @@ fn preallocation_and_lazy_refcounts() {
         "preallocation=falloc",
     ] {
         let img = dir.path().join(format!("{}.qcow2", opt.replace('=', "-")));
-        let (rc, _, err) = common::qemu_img(&[
-            "create",
-            "-f",
-            "qcow2",
-            "-o",
-            opt,
-            img.to_str().unwrap(),
-            "8M",
-        ]);
-        assert_eq!(rc, 0, "{err}");
+        common::qemu_create(&["-o", opt, img.to_str().unwrap(), "8M"]);
         common::qemu_io(
             &img,
             "qcow2",
@@ -199,10 +185,7 @@ fn zero_clusters_over_backing_and_chains() {
     // raw <- mid (qcow2 v2) <- top (qcow2 v3 with zero clusters)
     let mid = d.join("mid.qcow2");
     let top = d.join("top.qcow2");
-    let (rc, _, err) = common::qemu_img(&[
-        "create",
-        "-f",
-        "qcow2",
+    common::qemu_create(&[
         "-o",
         "compat=0.10",
         "-b",
@@ -211,12 +194,8 @@ fn zero_clusters_over_backing_and_chains() {
         "raw",
         mid.to_str().unwrap(),
     ]);
-    assert_eq!(rc, 0, "{err}");
     common::qemu_io(&mid, "qcow2", &["write -P 0x61 0 100k", "write -z 3M 64k"]);
-    let (rc, _, err) = common::qemu_img(&[
-        "create",
-        "-f",
-        "qcow2",
+    common::qemu_create(&[
         "-b",
         "mid.qcow2",
         "-F",
@@ -224,7 +203,6 @@ fn zero_clusters_over_backing_and_chains() {
         top.to_str().unwrap(),
         "10M",
     ]);
-    assert_eq!(rc, 0, "{err}");
     common::qemu_io(
         &top,
         "qcow2",
@@ -299,21 +277,10 @@ fn block_status_matches_qemu_map() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let base = d.join("base.qcow2");
-    let (rc, _, err) = common::qemu_img(&["create", "-f", "qcow2", base.to_str().unwrap(), "8M"]);
-    assert_eq!(rc, 0, "{err}");
+    common::qemu_create(&[base.to_str().unwrap(), "8M"]);
     common::qemu_io(&base, "qcow2", &["write -P 0x11 0 8M"]);
     let top = d.join("top.qcow2");
-    let (rc, _, err) = common::qemu_img(&[
-        "create",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        top.to_str().unwrap(),
-    ]);
-    assert_eq!(rc, 0, "{err}");
+    common::qemu_create(&["-b", "base.qcow2", "-F", "qcow2", top.to_str().unwrap()]);
     common::qemu_io(
         &top,
         "qcow2",
@@ -331,16 +298,7 @@ fn block_status_matches_qemu_map() {
     map_agrees(&z);
     // Compressed and plain clusters side by side, zstd.
     let mixed = d.join("mixed.qcow2");
-    let (rc, _, err) = common::qemu_img(&[
-        "create",
-        "-f",
-        "qcow2",
-        "-o",
-        "compression_type=zstd",
-        mixed.to_str().unwrap(),
-        "4M",
-    ]);
-    assert_eq!(rc, 0, "{err}");
+    common::qemu_create(&["-o", "compression_type=zstd", mixed.to_str().unwrap(), "4M"]);
     common::qemu_io(
         &mixed,
         "qcow2",
@@ -415,17 +373,7 @@ fn skipped_backing_fails_reads_clearly() {
     let d = dir.path();
     pattern_raw(d);
     let top = d.join("top.qcow2");
-    let (rc, _, err) = common::qemu_img(&[
-        "create",
-        "-f",
-        "qcow2",
-        "-b",
-        "src.raw",
-        "-F",
-        "raw",
-        top.to_str().unwrap(),
-    ]);
-    assert_eq!(rc, 0, "{err}");
+    common::qemu_create(&["-b", "src.raw", "-F", "raw", top.to_str().unwrap()]);
     common::qemu_io(&top, "qcow2", &["write -P 0x42 0 64k"]);
     let st = blockdev::FileStorage::open(&top, false).unwrap();
     let img =

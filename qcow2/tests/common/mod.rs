@@ -64,6 +64,14 @@ pub fn qemu_img(args: &[&str]) -> (i32, String, String) {
     testsupport::run(Command::new("qemu-img").args(args))
 }
 
+/// `qemu-img create -q -f qcow2 ARGS...`, which must succeed.
+pub fn qemu_create(args: &[&str]) {
+    let mut all = vec!["create", "-q", "-f", "qcow2"];
+    all.extend_from_slice(args);
+    let (rc, _, err) = qemu_img(&all);
+    assert_eq!(rc, 0, "qemu-img create failed: {err}");
+}
+
 pub fn qemu_io(file: &Path, fmt: &str, cmds: &[&str]) {
     let mut c = Command::new("qemu-io");
     c.arg("-f").arg(fmt);
