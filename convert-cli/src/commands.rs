@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
 use blockdev::{BlockDevice, Error, ErrorKind, ImageInfo, Result, Severity};
+use vdisk::formats::option;
 use vdisk::{Format, OpenOptions};
 
 use crate::args::{Cli, Command, OpenArgs, OutputFormat, ProgressArg, Target};
@@ -167,7 +168,8 @@ fn dispatch(cmd: Command, cancel: &AtomicBool) -> Result<Code> {
                 .as_deref()
                 .map(parse_size)
                 .transpose()?
-                .map(|s| whole_sectors(s, format, &options));
+                .map(|s| whole_sectors(s, format, &options))
+                .transpose()?;
             let backing_format = backing_fmt_of(backing_format, &options)?;
             if backing.is_none() && backing_format.is_some() {
                 return Err(Error::invalid_argument(
@@ -395,25 +397,18 @@ fn format_from_name(path: &Path, flag: &str) -> Result<Format> {
     }
 }
 
-/// `size` rounded up to whole sectors, with a notice when that changes it: every format but
-/// raw counts sectors, and qemu-img rounds the same way. Sectors are 512 bytes, or 4096 for a
-/// VHDX asked for 4096-byte logical sectors in `options`.
-fn whole_sectors(size: u64, format: Format, options: &[(String, String)]) -> u64 {
-    let sector: u64 = match options
-        .iter()
-        .rev()
-        .find(|(k, _)| k == "logical_sector_size")
-    {
-        Some((_, v)) if format == Format::Vhdx && parse_size(v).ok() == Some(4096) => 4096,
-        _ => 512,
-    };
+/// `size` rounded up to whole sectors of a new `format` image made with `options`, with a
+/// notice when that changes it: every format but raw counts sectors, and qemu-img rounds the
+/// same way.
+fn whole_sectors(size: u64, format: Format, options: &[(String, String)]) -> Result<u64> {
+    let sector = u64::from(vdisk::formats::new_logical_sector(format, options)?);
     let s = size.div_ceil(sector).saturating_mul(sector);
     if s != size {
         eprintln!(
             "vdconv: notice: virtual size rounded up from {size} to {s} bytes (whole {sector}-byte sectors for {format})"
         );
     }
-    s
+    Ok(s)
 }
 
 /// Tells the user when the parent of a new image lies outside the image's directory: opening
@@ -437,11 +432,7 @@ fn note_confined_backing(image: &Path, reference: &str) {
 
 /// Removes every `key=` from `options`, returning the last value.
 fn take_option(options: &mut Vec<(String, String)>, key: &str) -> Option<String> {
-    let last = options
-        .iter()
-        .rev()
-        .find(|(k, _)| k == key)
-        .map(|(_, v)| v.clone());
+    let last = option(options, key).map(str::to_string);
     options.retain(|(k, _)| k != key);
     last
 }
@@ -464,18 +455,12 @@ fn flag_or_option(
 
 /// `-F`, or qemu-img's `-o backing_fmt=` when `-F` is absent; both must agree.
 fn backing_fmt_of(flag: Option<String>, options: &[(String, String)]) -> Result<Option<String>> {
-    let opt = options
-        .iter()
-        .rev()
-        .find(|(k, _)| k == "backing_fmt")
-        .map(|(_, v)| v.clone());
-    match (flag, opt) {
-        (Some(f), Some(o)) if f.parse::<Format>()? != o.parse::<Format>()? => Err(
-            Error::invalid_argument(format!("-F {f} and -o backing_fmt={o} disagree")),
-        ),
-        (Some(f), _) => Ok(Some(f)),
-        (None, o) => Ok(o),
-    }
+    flag_or_option(
+        flag,
+        option(options, "backing_fmt").map(str::to_string),
+        ("-F", "backing_fmt"),
+        |a, b| Ok(a.parse::<Format>()? == b.parse::<Format>()?),
+    )
 }
 
 /// The options of `all` that the format of the image at `path` (named, or probed) uses.
@@ -929,7 +914,7 @@ fn convert(a: ConvertArgs, cancel: &AtomicBool) -> Result<Code> {
                 Target::Kvm => &[("compat", "1.1", true)],
             };
             for (key, value, required) in preset {
-                let Some((_, given)) = out_opts.iter().rev().find(|(k, _)| k == key) else {
+                let Some(given) = option(&out_opts, key) else {
                     continue;
                 };
                 // Sizes in any spelling; a bare block_size up to 256 is MiB, as the VHDX
@@ -944,7 +929,7 @@ fn convert(a: ConvertArgs, cancel: &AtomicBool) -> Result<Code> {
                     })
                 };
                 let same = given.eq_ignore_ascii_case(value)
-                    || (*key == "compat" && matches!(given.as_str(), "v3" | "3"))
+                    || (*key == "compat" && matches!(given, "v3" | "3"))
                     || (size(given).is_some() && size(given) == size(value));
                 if same {
                     continue;
@@ -1006,7 +991,7 @@ fn convert(a: ConvertArgs, cancel: &AtomicBool) -> Result<Code> {
         out_opts.push(("compress".to_string(), "on".to_string()));
     }
     if size.is_none() && !a.keep_chain && out_format != Format::Raw {
-        let s = whole_sectors(src.size(), out_format, &out_opts);
+        let s = whole_sectors(src.size(), out_format, &out_opts)?;
         if s != src.size() {
             size = Some(s);
         }

@@ -170,6 +170,15 @@ pub fn check_known_options(
     Ok(())
 }
 
+/// The logical sector size of a new image of `format` made with `options`: its size is a
+/// whole number of them.
+pub fn new_logical_sector(format: Format, options: &[(String, String)]) -> Result<u32> {
+    match format {
+        Format::Vhdx => vhdx::logical_sector(options),
+        _ => Ok(512),
+    }
+}
+
 /// The `-o` options a new image of `format` takes: (key, what it takes).
 pub fn create_options(format: Format) -> &'static [(&'static str, &'static str)] {
     match format {

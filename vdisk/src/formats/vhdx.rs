@@ -61,8 +61,13 @@ fn parse_size(key: &str, v: &str) -> Result<u64> {
         .ok_or_else(|| Error::invalid_argument(format!("invalid value '{v}' for option {key}")))
 }
 
-fn sector_opt(spec: &CreateSpec<'_>, key: &str, default: u32) -> Result<u32> {
-    match option(spec.options, key) {
+/// The logical sector size `options` give a new VHDX (512 unless asked).
+pub(crate) fn logical_sector(options: &[(String, String)]) -> Result<u32> {
+    sector_opt(options, "logical_sector_size", 512)
+}
+
+fn sector_opt(options: &[(String, String)], key: &str, default: u32) -> Result<u32> {
+    match option(options, key) {
         None => Ok(default),
         Some(v) => match parse_size(key, v)? {
             512 => Ok(512),
@@ -138,8 +143,8 @@ fn options(spec: &CreateSpec<'_>) -> Result<CreateOptions> {
         }
         o.block_size = bs;
     }
-    o.logical = sector_opt(spec, "logical_sector_size", 512)?;
-    o.physical = sector_opt(spec, "physical_sector_size", 4096)?;
+    o.logical = logical_sector(spec.options)?;
+    o.physical = sector_opt(spec.options, "physical_sector_size", 4096)?;
     if let Some(p) = spec.parent {
         if o.subformat == Subformat::Fixed && option(spec.options, "subformat").is_some() {
             return Err(Error::invalid_argument(
